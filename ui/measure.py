@@ -1,0 +1,46 @@
+"""Measurements the pages show, stored in the runtime store so they survive restarts.
+
+A measurement is keyed by the model's fingerprint (content identity) and the number of test
+questions, so a result is reused only for the same weights. Files are written to a temp path and
+renamed (nothing half-written is ever visible). No streamlit here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from compression import data, evaluate
+from compression.models import LoadedModel
+from compression.paths import cache_dir
+
+
+def _path(loaded: LoadedModel, samples: int) -> Path:
+    return cache_dir() / "ui" / "evals" / f"{loaded.fingerprint}-n{samples}.json"
+
+
+def cached_evaluation(loaded: LoadedModel, samples: int) -> dict | None:
+    """A stored evaluation of this exact model on ``samples`` test questions, or None."""
+    path = _path(loaded, samples)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def measure(loaded: LoadedModel, samples: int) -> dict:
+    """Accuracy (``samples`` test questions), sizes and latency through ``compression.evaluate``; stored."""
+    if samples < 1:
+        raise ValueError(f"samples {samples} must be at least 1")
+    report = evaluate.evaluate(loaded, data.load_split("test", samples)).to_dict()
+    report.update(model=loaded.name, fingerprint=loaded.fingerprint, measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    path = _path(loaded, samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(report, f, indent=1)
+    os.replace(f.name, path)
+    return report
