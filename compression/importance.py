@@ -1,0 +1,449 @@
+"""Importance of decoder layers, attention heads and MLP neurons, on calibration image-question samples.
+
+Layers (``layer_importance``):
+
+- ``block_influence`` (Men et al., ShortGPT, arXiv 2403.03853; used by Huang et al., arXiv
+  2507.20749): ``BI_i = mean over tokens of (1 - cos(h_in, h_out))`` of decoder layer ``i``,
+  from forward hooks on the layers (``output_hidden_states[-1]`` is taken after the final norm,
+  so hooks, not hidden states, give the last layer's output);
+- ``removal_loss``: increase of the answer-token cross-entropy when that one layer is skipped.
+
+Units (``unit_importance``), one row per attention head or MLP neuron of every layer. A unit is
+a *coupled group* (Torch-Pruning's word): every weight slice that goes when it goes —
+a query head's q rows and o columns (Phi: ``dense``), a neuron's gate/up rows (Phi: ``fc1``)
+and its down column (``fc2``), biases included. Scorers are interchangeable objects with one
+call signature, ``scorer(group) -> 1-D tensor`` of one score per unit:
+
+- ``TaylorImportance`` (default; LLM-Pruner, Ma et al. 2023; the paper): first-order Taylor
+  ``sum |W * dL/dW|`` over the group, from one pass of backward over the calibration samples
+  (cross-entropy on the answer tokens, gradients summed over mini-batches). Only the weights
+  being scored ask for gradients, so memory is the model plus those gradients plus one
+  mini-batch of activations;
+- ``ActivationImportance`` (Minitron, Muralidharan et al. 2024): mean over tokens of a head's
+  attention-output L2 norm (input of o_proj) / a neuron's absolute activation (input of down_proj);
+- ``MagnitudeImportance``: ``sum |W|`` over the group, no data.
+
+GQA: a KV head is shared by the ``G`` query heads of its group and goes only with all of them,
+so each query head is scored with its own q rows and o columns **plus 1/G of its KV group's k and
+v rows**: the sum over a group's query heads is the importance of the whole KV group
+(``compression.prune`` ranks KV groups by that sum, then query heads inside kept groups).
+
+Results are pandas DataFrames; ``cached_importance`` stores them under
+``cache_dir()/importance/<fingerprint>-<data>-<kind>-<method>-<n>.csv`` (CSV: no parquet engine
+is installed), so a repeated request is a file read.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data
+from .models import Anatomy, LoadedModel
+from .paths import cache_dir
+
+LayerMethod = Literal["block_influence", "removal_loss"]
+UnitKind = Literal["heads", "neurons"]
+UnitMethod = Literal["taylor", "activation", "magnitude"]
+LAYER_METHODS = ("block_influence", "removal_loss")
+UNIT_METHODS = ("taylor", "activation", "magnitude")
+DEFAULT_SAMPLES = 32
+BATCH_SIZE = 8
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def calibration_samples(n: int = DEFAULT_SAMPLES, data_source: str = "shapes") -> list[data.Sample]:
+    """``n`` calibration samples: ShapesVQA train split (``"shapes"``) or a LLaVA-format JSON file."""
+    if n < 1:
+        raise ValueError(f"calibration samples {n} must be at least 1")
+    if data_source == "shapes":
+        return data.load_split("train", n)
+    samples = data.import_llava_json(data_source)
+    if not samples:
+        raise ValueError(f"{data_source} holds no samples; expected LLaVA-format records")
+    return samples[:n]
+
+
+def calibration_batches(processor, samples: list[data.Sample], batch_size: int = BATCH_SIZE) -> list[dict]:
+    """Teacher-forcing batches: prompt + answer + eos, right-padded, labels on the answer and eos only."""
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        ids, labels, pixels = [], [], []
+        for s in chunk:
+            enc = processor(images=[s.image], text=[data.prompt(s.question)], return_tensors="pt")
+            prompt_ids = enc["input_ids"][0].tolist()
+            answer = tok(" " + s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids.append(prompt_ids + answer)
+            labels.append([-100] * len(prompt_ids) + answer)
+            pixels.append(enc["pixel_values"])
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        batches.append({"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
+                        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels])})
+    return batches
+
+
+def _to(batch: dict, model: nn.Module) -> dict:
+    p = next(model.parameters())
+    return {k: v.to(p.device, dtype=p.dtype) if k == "pixel_values" else v.to(p.device) for k, v in batch.items()}
+
+
+def _as_batches(loaded: LoadedModel, samples) -> list[dict]:
+    if not loaded.has_weights:
+        raise ValueError(f"model {loaded.name} is config-only (no weights); importance needs weights")
+    if isinstance(samples, int):
+        samples = calibration_samples(samples)
+    if not samples:
+        raise ValueError("no calibration samples given; expected at least 1")
+    if isinstance(samples[0], dict):  # already batches
+        return samples
+    return calibration_batches(loaded.processor, samples)
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output_hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, anatomy: Anatomy, batches: list[dict]) -> torch.Tensor:
+    """``BI_i`` per decoder layer: mean over (non-padding) tokens of ``1 - cos(h_in, h_out)``."""
+    layers = anatomy.decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    mask_holder: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            h_in, h_out = _hidden_from(args, kwargs), _output_hidden(output)
+            cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (batch, tokens)
+            sums[i] += ((1 - cos) * mask_holder["mask"]).sum().double().cpu()
+        return fn
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(hook(i), with_kwargs=True))
+    try:
+        for batch in batches:
+            batch = _to(batch, model)
+            mask_holder["mask"] = batch["attention_mask"].to(torch.float32)
+            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+            count += int(batch["attention_mask"].sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(count, 1)).float()
+
+
+@torch.no_grad()
+def _answer_loss(model: nn.Module, batches: list[dict]) -> float:
+    total, tokens = 0.0, 0
+    for batch in batches:
+        batch = _to(batch, model)
+        out = model(**batch, use_cache=False)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(out.loss) * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def removal_loss(model: nn.Module, anatomy: Anatomy, batches: list[dict]) -> torch.Tensor:
+    """Per decoder layer: answer cross-entropy with that layer skipped minus the full model's."""
+    base = _answer_loss(model, batches)
+    scores = []
+    for layer in anatomy.decoder_layers(model):
+        # the layer still runs, but its output is replaced by its input: the residual stream skips it
+        handle = layer.register_forward_hook(
+            lambda m, args, kwargs, out: _hidden_from(args, kwargs) if not isinstance(out, tuple)
+            else (_hidden_from(args, kwargs),) + tuple(out[1:]), with_kwargs=True)
+        try:
+            scores.append(_answer_loss(model, batches) - base)
+        finally:
+            handle.remove()
+    return torch.tensor(scores)
+
+
+_LAYER_SCORERS = {"block_influence": block_influence, "removal_loss": removal_loss}
+
+
+def layer_importance(loaded: LoadedModel, samples: list[data.Sample] | int = DEFAULT_SAMPLES,
+                     method: LayerMethod = "block_influence") -> pd.DataFrame:
+    """One row per decoder layer: ``layer``, ``score`` (higher = more important), ``method``."""
+    if method not in _LAYER_SCORERS:
+        raise ValueError(f"layer importance method {method!r} is not one of {', '.join(LAYER_METHODS)}")
+    batches = _as_batches(loaded, samples)
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    try:
+        scores = _LAYER_SCORERS[method](model, loaded.anatomy, batches)
+    finally:
+        model.train(was_training)
+    return pd.DataFrame({"layer": range(len(scores)), "score": scores.tolist(), "method": method})
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+@dataclass
+class CoupledGroup:
+    """One layer's prunable units of one kind, and every weight slice that belongs to each unit.
+
+    ``rows``: linears whose output rows belong to units (q; gate/up), ``unit_size`` rows each;
+    ``cols``: linears whose input columns belong to units (o; down); ``shared_rows``: k and v,
+    whose rows belong to a KV group of ``group_size`` units (GQA). ``activation``: per-unit mean
+    activation collected on the calibration samples (``ActivationImportance`` only).
+    """
+
+    layer: int
+    kind: UnitKind
+    units: int
+    unit_size: int
+    group_size: int
+    rows: list[nn.Linear]
+    cols: list[nn.Linear]
+    shared_rows: list[nn.Linear] = field(default_factory=list)
+    activation: torch.Tensor | None = None
+
+
+def _reduce(group: CoupledGroup, elementwise) -> torch.Tensor:
+    """Sum ``elementwise(tensor)`` over every slice of each unit (``elementwise`` of weight or bias)."""
+    u, size = group.units, group.unit_size
+    score = torch.zeros(u, dtype=torch.float64)
+    for lin in group.rows:
+        e = elementwise(lin.weight).sum(1)
+        if lin.bias is not None:
+            e = e + elementwise(lin.bias)
+        score += e.double().view(u, size).sum(1).cpu()
+    for lin in group.cols:
+        score += elementwise(lin.weight).sum(0).double().view(u, size).sum(1).cpu()
+    if group.shared_rows:
+        kv = group.units // group.group_size
+        shared = torch.zeros(kv, dtype=torch.float64)
+        for lin in group.shared_rows:
+            e = elementwise(lin.weight).sum(1)
+            if lin.bias is not None:
+                e = e + elementwise(lin.bias)
+            shared += e.double().view(kv, size).sum(1).cpu()
+        score += (shared / group.group_size).repeat_interleave(group.group_size)
+    return score
+
+
+class UnitScorer(Protocol):
+    """One call signature for every scorer: ``scorer(group) -> 1-D tensor`` (one score per unit)."""
+
+    name: str
+    needs: Literal["gradients", "activations", "weights"]
+
+    def __call__(self, group: CoupledGroup) -> torch.Tensor: ...
+
+
+class TaylorImportance:
+    name, needs = "taylor", "gradients"
+
+    def __call__(self, group: CoupledGroup) -> torch.Tensor:
+        def taylor(p: torch.Tensor) -> torch.Tensor:
+            if p.grad is None:
+                raise ValueError("Taylor importance needs gradients; run the backward pass first")
+            return (p.detach().float() * p.grad.float()).abs()
+        return _reduce(group, taylor)
+
+
+class MagnitudeImportance:
+    name, needs = "magnitude", "weights"
+
+    def __call__(self, group: CoupledGroup) -> torch.Tensor:
+        return _reduce(group, lambda p: p.detach().float().abs())
+
+
+class ActivationImportance:
+    name, needs = "activation", "activations"
+
+    def __call__(self, group: CoupledGroup) -> torch.Tensor:
+        if group.activation is None:
+            raise ValueError("activation importance needs activations collected on calibration samples")
+        return group.activation.double()
+
+
+SCORERS: dict[str, type] = {"taylor": TaylorImportance, "activation": ActivationImportance,
+                            "magnitude": MagnitudeImportance}
+
+
+def coupled_groups(model: nn.Module, anatomy: Anatomy, kind: UnitKind) -> list[CoupledGroup]:
+    groups = []
+    for i, layer in enumerate(anatomy.decoder_layers(model)):
+        if kind == "heads":
+            a = anatomy.attention_linears(layer)
+            heads, kv = anatomy.heads_per_layer[i], anatomy.kv_heads_per_layer[i]
+            groups.append(CoupledGroup(i, kind, heads, anatomy.head_dim, heads // kv, [a["q"]], [a["o"]],
+                                       [a["k"], a["v"]]))
+        else:
+            m = anatomy.mlp_linears(layer)
+            groups.append(CoupledGroup(i, kind, anatomy.intermediate_per_layer[i], 1, 1,
+                                       [m[n] for n in ("gate", "up") if n in m], [m["down"]]))
+    return groups
+
+
+def _scored_parameters(groups: list[CoupledGroup]) -> list[nn.Parameter]:
+    params = []
+    for g in groups:
+        for lin in g.rows + g.cols + g.shared_rows:
+            params += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
+    return params
+
+
+def _accumulate_gradients(model: nn.Module, groups: list[CoupledGroup], batches: list[dict]) -> None:
+    """One backward pass over the calibration batches; gradients only for the scored weights.
+
+    The loss is the mean answer-token cross-entropy over all samples: each mini-batch's loss is
+    weighted by its share of answer tokens, so the summed gradient is the full batch's.
+    """
+    scored = {id(p) for p in _scored_parameters(groups)}
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in scored)
+            p.grad = None
+        for batch in batches:
+            batch = _to(batch, model)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            loss = model(**batch, use_cache=False).loss * (n / max(tokens, 1))
+            loss.backward()
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(previous[name])
+
+
+@torch.no_grad()
+def _collect_activations(model: nn.Module, groups: list[CoupledGroup], batches: list[dict]) -> None:
+    """Mean per-unit activation over non-padding tokens, from pre-hooks on o_proj / down_proj."""
+    sums = [torch.zeros(g.units, dtype=torch.float64) for g in groups]
+    mask_holder: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(gi):
+        g = groups[gi]
+
+        def fn(module, args):
+            x = args[0].float()  # (batch, tokens, units * unit_size)
+            per_unit = x.view(*x.shape[:-1], g.units, g.unit_size).norm(dim=-1) if g.unit_size > 1 else x.abs()
+            sums[gi] += (per_unit * mask_holder["mask"][..., None]).sum((0, 1)).double().cpu()
+        return fn
+
+    for gi, g in enumerate(groups):
+        handles.append(g.cols[0].register_forward_pre_hook(hook(gi)))
+    count = 0
+    try:
+        for batch in batches:
+            batch = _to(batch, model)
+            mask_holder["mask"] = batch["attention_mask"].float()
+            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+            count += int(batch["attention_mask"].sum())
+    finally:
+        for h in handles:
+            h.remove()
+    for g, s in zip(groups, sums):
+        g.activation = s / max(count, 1)
+
+
+def unit_importance(loaded: LoadedModel, samples: list[data.Sample] | int = DEFAULT_SAMPLES,
+                    kind: UnitKind = "heads", method: UnitMethod = "taylor") -> pd.DataFrame:
+    """One row per attention head (``kind="heads"``) or MLP neuron (``"neurons"``) of every layer.
+
+    Columns: ``layer``, ``head`` (plus ``kv_head``, its KV group) or ``neuron``, ``score``
+    (higher = more important), ``method``. For GQA each query head's score carries 1/G of its
+    KV group's k/v importance (module docstring). ``magnitude`` ignores ``samples``.
+    """
+    if kind not in ("heads", "neurons"):
+        raise ValueError(f"unit kind {kind!r} is not 'heads' or 'neurons'")
+    if method not in SCORERS:
+        raise ValueError(f"unit importance method {method!r} is not one of {', '.join(UNIT_METHODS)}")
+    model, anatomy = loaded.model, loaded.anatomy
+    scorer: UnitScorer = SCORERS[method]()
+    groups = coupled_groups(model, anatomy, kind)
+    was_training = model.training
+    model.eval()
+    try:
+        if scorer.needs == "gradients":
+            _accumulate_gradients(model, groups, _as_batches(loaded, samples))
+        elif scorer.needs == "activations":
+            _collect_activations(model, groups, _as_batches(loaded, samples))
+        rows = []
+        for g in groups:
+            scores = scorer(g)
+            for u, s in enumerate(scores.tolist()):
+                row = {"layer": g.layer, ("head" if kind == "heads" else "neuron"): u, "score": s, "method": method}
+                if kind == "heads":
+                    row["kv_head"] = u // g.group_size
+                rows.append(row)
+    finally:
+        if scorer.needs == "gradients":
+            for p in model.parameters():
+                p.grad = None  # free the gradients: the model is back to its inference footprint
+        model.train(was_training)
+    frame = pd.DataFrame(rows)
+    order = ["layer", "head", "kv_head", "score", "method"] if kind == "heads" else ["layer", "neuron", "score",
+                                                                                       "method"]
+    return frame[order]
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+def _data_key(data_source: str) -> str:
+    if data_source == "shapes":
+        return "shapes"
+    path = Path(data_source)
+    if not path.is_file():
+        raise ValueError(f"data source {data_source!r} is neither 'shapes' nor an existing LLaVA-format JSON file")
+    return "llava-" + hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+
+
+def importance_path(loaded: LoadedModel, kind: str, method: str, n_samples: int, data_source: str = "shapes") -> Path:
+    return cache_dir() / "importance" / f"{loaded.fingerprint}-{_data_key(data_source)}-{kind}-{method}-{n_samples}.csv"
+
+
+def cached_importance(loaded: LoadedModel, kind: Literal["layers", "heads", "neurons"], method: str | None = None,
+                      n_samples: int = DEFAULT_SAMPLES, data_source: str = "shapes") -> pd.DataFrame:
+    """``layer_importance`` / ``unit_importance``, stored by (model fingerprint, data, kind, method, n).
+
+    ``method`` defaults to ``block_influence`` for layers and ``taylor`` for heads and neurons.
+    """
+    if kind not in ("layers", "heads", "neurons"):
+        raise ValueError(f"importance kind {kind!r} is not one of layers, heads, neurons")
+    method = method or ("block_influence" if kind == "layers" else "taylor")
+    allowed = LAYER_METHODS if kind == "layers" else UNIT_METHODS
+    if method not in allowed:
+        raise ValueError(f"method {method!r} does not score {kind}; expected one of {', '.join(allowed)}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples {n_samples} must be at least 1")
+    path = importance_path(loaded, kind, method, n_samples, data_source)
+    if path.is_file():
+        return pd.read_csv(path)
+    samples = calibration_samples(n_samples, data_source)
+    if kind == "layers":
+        frame = layer_importance(loaded, samples, method)
+    else:
+        frame = unit_importance(loaded, samples, kind, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return frame
