@@ -42,6 +42,11 @@ Scorer = Literal["none", "semantic", "outlier", "hybrid", "random"]
 SemanticSource = Literal["attention", "similarity"]
 SCORERS: tuple[str, ...] = ("none", "semantic", "outlier", "hybrid", "random")
 SEMANTIC_SOURCES: tuple[str, ...] = ("attention", "similarity")
+# The recipe (compression.recipe) names the semantic source and fuses through alpha: "attention" with
+# alpha < 1 is the QAPruner hybrid, with alpha = 1 pure FastV; "quantization" is S^Q alone.
+RECIPE_SCORERS: dict[str, tuple[str, str | None]] = {
+    "attention": ("hybrid", "attention"), "similarity": ("hybrid", "similarity"),
+    "quantization": ("outlier", None)}
 FASTV_LAYER = 2  # FastV reads attention after layer K=2; shallower layers attend almost uniformly
 INT4_MAX = 7  # symmetric INT4: integers -8..7, scale max|v| / 7 as in QAPruner
 
@@ -292,8 +297,13 @@ class TokenPruningConfig:
     group: int = 128  # channels per INT4 group in the quantization score
 
     def __post_init__(self) -> None:
+        if self.scorer in RECIPE_SCORERS:
+            scorer, semantic = RECIPE_SCORERS[self.scorer]
+            self.scorer = "semantic" if scorer == "hybrid" and self.alpha == 1.0 else scorer
+            self.semantic = semantic or self.semantic
         if self.scorer not in SCORERS:
-            raise ValueError(f"scorer {self.scorer!r} is unknown; expected one of {', '.join(SCORERS)}")
+            raise ValueError(f"scorer {self.scorer!r} is unknown; expected one of {', '.join(SCORERS)} "
+                             f"(or a recipe name: {', '.join(RECIPE_SCORERS)})")
         if self.semantic not in SEMANTIC_SOURCES:
             raise ValueError(f"semantic {self.semantic!r} is unknown; expected one of {', '.join(SEMANTIC_SOURCES)}")
         if not 0.0 < self.keep_ratio <= 1.0:
