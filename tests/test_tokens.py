@@ -161,3 +161,21 @@ def test_analyze_tokens_grids(vision, batch):
     assert deeper["outlier"] != out["outlier"]
     with pytest.raises(ValueError, match="layer 7 is out of range; expected 0..2"):
         tokens.analyze_tokens(loaded, batch[0][0], batch[1][0], layer=7)
+
+
+def test_pruning_works_on_a_pruned_exported_model(batch, tmp_path):
+    from compression import models, prune
+
+    model, processor, anatomy = tiny_llava("llama", "clip", layers=4)
+    plan = prune.make_plan((model, anatomy), "width", 0.2, layer_range=(1, 3))
+    pruned_model, _ = prune.apply_plan(model, anatomy, plan)
+    loaded = models.load(str(prune.save_pruned(pruned_model, processor, tmp_path / "pruned", plan)))
+    assert loaded.model.config.model_type == "llava_pruned"
+    images, questions = batch
+    plain = evaluate.generate_answers(loaded.model, loaded.processor, images, questions)
+    assert evaluate.generate_answers(loaded.model, loaded.processor, images, questions,
+                                     generate_fn=tokens.make_generate_fn(1.0, "none")) == plain
+    answers = evaluate.generate_answers(loaded.model, loaded.processor, images, questions,
+                                        generate_fn=tokens.make_generate_fn(0.5, "hybrid"))
+    assert len(answers) == len(questions)
+    assert tokens.analyze_tokens(loaded, images[0], questions[0], layer=3)["grid"] == [2, 2]
