@@ -31,6 +31,7 @@ def _check_budget(args) -> None:
         raise UsageError(f"--target-mb {args.target_mb} must be positive")
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples} must be at least 1")
+    _layer_range(args.layer_range)
 
 
 def _scores(loaded, method: str, scorer: str, samples: int, data_source: str):

@@ -1,0 +1,175 @@
+"""Importance: block influence against a hand computation, Taylor against hand-computed gradients, caching, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression import importance, models
+from compression.importance import (SCORERS, cached_importance, calibration_batches, calibration_samples,
+                                    coupled_groups, layer_importance, unit_importance)
+from tests.tiny import tiny_llava
+
+
+def _loaded(language="llama", vision="clip", **kwargs) -> models.LoadedModel:
+    model, processor, anatomy = tiny_llava(language, vision, **kwargs)
+    return models.LoadedModel(model, processor, anatomy, "tiny", "local", None, True, f"tiny-{language}-{vision}")
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return calibration_samples(6)
+
+
+def test_block_influence_matches_hand_computation(samples):
+    loaded = _loaded("qwen2", "siglip")
+    frame = layer_importance(loaded, samples, "block_influence")
+    assert list(frame.columns) == ["layer", "score", "method"] and len(frame) == 3
+    # by hand: hidden states of every layer boundary, with the final norm removed so that the
+    # last entry is the raw output of the last layer
+    batches = calibration_batches(loaded.processor, samples)
+    language = loaded.model.model.language_model
+    norm, language.norm = language.norm, nn.Identity()
+    sums, count = torch.zeros(3, dtype=torch.float64), 0
+    try:
+        with torch.no_grad():
+            for b in batches:
+                out = loaded.model(**{k: v for k, v in b.items() if k != "labels"}, output_hidden_states=True)
+                mask = b["attention_mask"].double()
+                for i in range(3):
+                    cos = F.cosine_similarity(out.hidden_states[i], out.hidden_states[i + 1], dim=-1).double()
+                    sums[i] += ((1 - cos) * mask).sum()
+                count += int(mask.sum())
+    finally:
+        language.norm = norm
+    assert torch.allclose(torch.tensor(frame["score"].values), sums / count, atol=1e-5)
+
+
+def test_an_identity_layer_scores_zero_on_both_layer_methods(samples):
+    loaded = _loaded()
+    layer = loaded.anatomy.decoder_layers(loaded.model)[1]
+    with torch.no_grad():  # no attention output, no MLP output: the layer passes its input through
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    bi = layer_importance(loaded, samples, "block_influence")["score"].tolist()
+    removal = layer_importance(loaded, samples, "removal_loss")["score"].tolist()
+    assert abs(bi[1]) < 1e-6 and min(bi[0], bi[2]) > 1e-3
+    assert abs(removal[1]) < 1e-6 and max(abs(removal[0]), abs(removal[2])) > 1e-4
+
+
+def test_taylor_matches_hand_computed_gradients_with_gqa_share(samples):
+    loaded = _loaded("llama", "clip", num_key_value_heads=2)  # 4 heads, groups of 2
+    # three mini-batches of 2: their token-weighted gradients must sum to the full batch's
+    mini = calibration_batches(loaded.processor, samples, batch_size=2)
+    frame = unit_importance(loaded, mini, "heads", "taylor")
+    neurons = unit_importance(loaded, mini, "neurons", "taylor")
+    model, anatomy = loaded.model, loaded.anatomy
+    # the same loss by hand: mean answer-token cross-entropy over every sample, one backward
+    batches = calibration_batches(loaded.processor, samples, batch_size=len(samples))
+    model.zero_grad()
+    model(**batches[0]).loss.backward()
+    attn = anatomy.decoder_layers(model)[2].self_attn
+    mlp = anatomy.decoder_layers(model)[2].mlp
+    hd, head, group = anatomy.head_dim, 3, 2
+
+    def taylor(p, index=None):
+        t = (p.detach() * p.grad).abs()
+        return float(t if index is None else t[index]) if t.dim() == 0 else float((t if index is None else t[index]).sum())
+
+    rows = slice(head * hd, (head + 1) * hd)
+    kv_rows = slice((head // group) * hd, (head // group + 1) * hd)
+    expected = (taylor(attn.q_proj.weight, rows) + float((attn.o_proj.weight.detach() * attn.o_proj.weight.grad)
+                                                         .abs()[:, rows].sum())
+                + (taylor(attn.k_proj.weight, kv_rows) + taylor(attn.v_proj.weight, kv_rows)) / group)
+    got = frame[(frame["layer"] == 2) & (frame["head"] == head)]["score"].item()
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert frame[(frame["layer"] == 2) & (frame["head"] == head)]["kv_head"].item() == 1
+    j = 17
+    expected_neuron = (taylor(mlp.gate_proj.weight, j) + taylor(mlp.up_proj.weight, j)
+                       + float((mlp.down_proj.weight.detach() * mlp.down_proj.weight.grad).abs()[:, j].sum()))
+    assert neurons[(neurons.layer == 2) & (neurons.neuron == j)]["score"].item() == pytest.approx(expected_neuron,
+                                                                                                   rel=1e-4)
+    model.zero_grad(set_to_none=True)
+
+
+def test_taylor_asks_gradients_only_of_scored_weights_and_frees_them(samples):
+    loaded = _loaded()
+    model = loaded.model
+    groups = coupled_groups(model, loaded.anatomy, "neurons")
+    importance._accumulate_gradients(model, groups, calibration_batches(loaded.processor, samples))
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".mlp." in n for n in with_grad)
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+    model.zero_grad(set_to_none=True)
+    unit_importance(loaded, samples, "heads", "taylor")
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_zeroed_neuron_scores_zero_on_every_scorer(samples):
+    loaded = _loaded()
+    mlp = loaded.anatomy.decoder_layers(loaded.model)[0].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[5].zero_()
+        mlp.gate_proj.weight[5].zero_()
+        mlp.down_proj.weight[:, 5].zero_()
+    for method in SCORERS:
+        frame = unit_importance(loaded, samples, "neurons", method)
+        layer0 = frame[frame.layer == 0].set_index("neuron")["score"]
+        assert layer0[5] == pytest.approx(0.0, abs=1e-12), method
+        assert (layer0.drop(5) > 0).all(), method
+        assert list(frame.columns) == ["layer", "neuron", "score", "method"]
+
+
+def test_scorers_share_one_call_signature():
+    loaded = _loaded()
+    for kind, units in (("heads", 4), ("neurons", 96)):
+        group = coupled_groups(loaded.model, loaded.anatomy, kind)[0]
+        group.activation = torch.ones(units)
+        for name, cls in SCORERS.items():
+            if cls.needs == "gradients":
+                for lin in group.rows + group.cols + group.shared_rows:
+                    lin.weight.grad = torch.ones_like(lin.weight)
+                    if lin.bias is not None:
+                        lin.bias.grad = torch.ones_like(lin.bias)
+            scores = cls()(group)
+            assert scores.shape == (units,), (name, kind)
+
+
+def test_cached_importance_is_stored_and_reused(monkeypatch):
+    loaded = _loaded()
+    first = cached_importance(loaded, "heads", "magnitude", n_samples=2)
+    path = importance.importance_path(loaded, "heads", "magnitude", 2)
+    assert path.name == "tiny-llama-clip-shapes-heads-magnitude-2.csv" and path.is_file()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed instead of read from the cache")
+
+    monkeypatch.setattr(importance, "unit_importance", boom)
+    second = cached_importance(loaded, "heads", "magnitude", n_samples=2)
+    assert second.equals(first)
+    with pytest.raises(ValueError, match="does not score layers"):
+        cached_importance(loaded, "layers", "taylor")
+    with pytest.raises(ValueError, match="neither 'shapes' nor"):
+        cached_importance(loaded, "heads", "magnitude", data_source="/nonexistent.json")
+
+
+def test_cli_analyze(tmp_path, capsys):
+    from compression import cli
+    from tests.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "m", "phi", "clip", num_key_value_heads=4)
+    assert cli.main(["analyze", "--model", str(folder), "--kind", "layers", "--samples", "2", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["kind"] == "layers" and payload["method"] == "block_influence" and len(payload["scores"]) == 3
+    assert {"layer", "score"} <= set(payload["scores"][0])
+    assert cli.main(["analyze", "--model", str(folder), "--kind", "heads", "--method", "magnitude", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["scores"]
+    assert len(rows) == 12 and {"layer", "head", "score"} <= set(rows[0])
+    for argv in (["--kind", "layers", "--method", "taylor"], ["--kind", "heads", "--samples", "0"],
+                 ["--kind", "tokens"]):
+        assert cli.main(["analyze", "--model", str(folder), *argv]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
+    assert cli.main(["analyze", "--model", "config:llava-1.5-7b", "--kind", "layers"]) == 2
