@@ -1,0 +1,71 @@
+"""Importance: which decoder layers, attention heads and MLP neurons matter, and what the current
+budget would remove."""
+import streamlit as st
+
+from ui import budget, common, views
+
+common.page_header("Importance", "Block influence and single-layer removal loss per decoder layer; per-head and "
+                   "per-neuron scores as layers × units heatmaps. Measured on ShapesVQA calibration samples.")
+importance = common.library("importance", "cached_importance", "LAYER_METHODS", "UNIT_METHODS")
+prune = common.library("prune", "make_plan")
+if importance is None:
+    common.not_available("Importance scoring", "importance")
+    st.stop()
+loaded = common.loaded_model(need_weights=True)
+saved = budget.current()
+
+left, middle, right = st.columns(3)
+unit_method = left.selectbox("Head / neuron scorer", importance.UNIT_METHODS, key="importance_scorer",
+                             help="taylor: first-order |W·∂L/∂W| (the paper); activation: Minitron; "
+                                  "magnitude: |W|, no data")
+n_samples = middle.select_slider("Calibration samples", options=[8, 16, 32, 64], value=32, key="importance_samples")
+sort_units = right.toggle("Sort units within each layer", value=False, key="importance_sort")
+right.caption(f"Budget from Budget & what-if: remove {saved.ratio:.0%} of the language model.")
+
+big = sum(p.numel() for p in loaded.model.parameters()) > 5e8
+if big and not st.button("Compute importance (slow for a model this size on CPU)"):
+    st.stop()
+with st.spinner("Scoring on calibration samples (stored, so only the first time is slow)…"), \
+        common.shown_as_message():
+    layers = importance.cached_importance(loaded, "layers", "block_influence", n_samples)
+    removal = importance.cached_importance(loaded, "layers", "removal_loss", n_samples)
+    heads = importance.cached_importance(loaded, "heads", unit_method, n_samples)
+    neurons = importance.cached_importance(loaded, "neurons", unit_method, n_samples)
+
+removed_layers: list[int] = []
+removed_heads: set = set()
+removed_neurons: set = set()
+if prune is not None:
+    try:
+        removed_layers = prune.make_plan(loaded, "layer", ratio=saved.ratio, scores=layers).layers_removed
+        width = prune.make_plan(loaded, "width", ratio=saved.ratio, scores={"heads": heads, "neurons": neurons},
+                                scorer=unit_method)
+        removed_heads = views.removed_units(width, "heads", heads)
+        removed_neurons = views.removed_units(width, "neurons", neurons)
+    except ValueError as e:
+        st.warning(f"The budget cannot be highlighted: {common.one_line(e)}")
+
+st.subheader("Layers")
+st.plotly_chart(views.layer_importance_chart(layers, removal, removed_layers), key="layer_chart")
+if removed_layers:
+    st.caption(f"A layerwise prune of {saved.ratio:.0%} removes layers {', '.join(map(str, removed_layers))} "
+               "(lowest block influence).")
+
+st.subheader("Attention heads and MLP neurons")
+a, b = st.columns(2)
+with a:
+    st.plotly_chart(views.unit_heatmap(heads, "heads", removed_heads, sort_units,
+                                       f"Heads: {unit_method} score (measured)"), key="heads_map")
+with b:
+    st.plotly_chart(views.unit_heatmap(neurons, "neurons", removed_neurons, sort_units,
+                                       f"MLP neurons: {unit_method} score (measured; gaps = removed)"),
+                    key="neurons_map")
+if removed_heads or removed_neurons:
+    st.caption(f"A widthwise prune of {saved.ratio:.0%} removes {len(removed_heads)} heads and "
+               f"{len(removed_neurons)} neurons; the first and last layers stay whole (paper default).")
+common.measured(f"{n_samples} calibration samples from the ShapesVQA train split; scores are stored under "
+                "cache/importance.")
+with st.expander("Scores as tables"):
+    st.download_button("Layer scores (CSV)", layers.to_csv(index=False), "layer_importance.csv", "text/csv")
+    st.dataframe(layers, hide_index=True)
+    st.dataframe(heads, hide_index=True)
