@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own runtime store, so tests never see each other's jobs or results."""
+    monkeypatch.setenv("COMPRESSION_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def reference_path():
+    from compression.reference import REFERENCE_PATH
+
+    if not (REFERENCE_PATH / "model.safetensors").is_file():
+        pytest.fail(f"the shipped reference model is missing at {REFERENCE_PATH}")
+    return REFERENCE_PATH
