@@ -179,22 +179,6 @@ def estimated(text: str = "") -> None:
     st.caption(f"**Estimated** (no model run){': ' + text if text else ''}")
 
 
-def _run_through_app() -> None:
-    """Make sure the page runs inside ``app.py`` (sidebar, navigation, page config).
-
-    Streamlit starts in its old "pages/ directory" mode while the folder ``pages/`` exists and no
-    session has called ``st.navigation`` yet; a first visit straight to ``/compress`` (a bookmark,
-    a refresh after a restart) would then run the page alone. Leaving that mode and rerunning
-    sends the request through ``app.py``, which routes it to the same page.
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
 def page_header(title: str, purpose: str) -> None:
-    _run_through_app()
     st.title(title)
     st.caption(purpose)

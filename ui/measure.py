@@ -17,6 +17,10 @@ from compression.models import LoadedModel
 from compression.paths import cache_dir
 
 
+LATENCY_REPEATS = 9  # medians over this many timed runs after the warm-up (compression.evaluate's default)
+LATENCY_WARMUP = 2
+
+
 def _path(loaded: LoadedModel, samples: int) -> Path:
     return cache_dir() / "ui" / "evals" / f"{loaded.fingerprint}-n{samples}.json"
 
@@ -36,8 +40,12 @@ def measure(loaded: LoadedModel, samples: int) -> dict:
     """Accuracy (``samples`` test questions), sizes and latency through ``compression.evaluate``; stored."""
     if samples < 1:
         raise ValueError(f"samples {samples} must be at least 1")
-    report = evaluate.evaluate(loaded, data.load_split("test", samples)).to_dict()
-    report.update(model=loaded.name, fingerprint=loaded.fingerprint, measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    report = evaluate.evaluate(loaded, data.load_split("test", samples), measure_latency=False).to_dict()
+    timing = evaluate.latency({"model": loaded.model}, loaded.processor, repeats=LATENCY_REPEATS,
+                              warmup=LATENCY_WARMUP)["model"]
+    report.update(prefill_ms=timing["prefill_ms"], decode_tokens_per_s=timing["decode_tokens_per_s"],
+                  latency_repeats=LATENCY_REPEATS, model=loaded.name, fingerprint=loaded.fingerprint,
+                  measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     path = _path(loaded, samples)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:

@@ -47,7 +47,8 @@ else:
     c.metric("Decode", f"{report['decode_tokens_per_s']:.0f} tokens/s")
     st.plotly_chart(views.per_type_chart(report["per_type"], "Accuracy per question type (measured)"),
                     key="per_type_chart")
-    common.measured(f"{report['samples']} held-out questions; latency is the median over repeats at batch 1, "
+    common.measured(f"{report['samples']} held-out questions; latency is the median of "
+                    f"{report.get('latency_repeats', 9)} runs at batch 1 after warm-up, "
                     f"{report['measured_at']}.")
 
 st.subheader("A ShapesVQA sample")
