@@ -1,0 +1,287 @@
+"""Export a finished run as a self-contained Hugging Face folder (and a zip for the browser).
+
+The folder holds the weights as safetensors only (never pickle), the config, processor and
+tokenizer files, the generation config, the recipe, the metrics and a model card (README.md)
+with the original-vs-compressed table and how to load it. A uniformly pruned model loads with
+plain transformers (``LlavaForConditionalGeneration``); a model with different widths per layer
+ships its modeling code and loads with ``trust_remote_code=True``
+(``AutoModelForImageTextToText``). Before it becomes visible, the export is reloaded in a fresh
+Python process with transformers alone and its logits are checked against the run's model.
+
+Method background: Huang et al., arXiv 2507.20749 (pruning and recovery).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .paths import cache_dir
+
+ZIP_LIMIT_BYTES = 200 * 1024 ** 2   # larger exports are not offered as one browser download
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def sanitize_name(name: str) -> str:
+    """An export or run name that is a plain folder name; anything that could leave the folder
+    (``/``, ``..``, a leading dot, control characters) is refused with a one-line message."""
+    name = str(name).strip()
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"name {name!r} is not allowed; expected a plain folder name of letters, digits, "
+                         "'.', '_' or '-' (no '/', no '..', not starting with '.')")
+    return name
+
+
+def resolve_run(run: str | Path) -> Path:
+    """A run folder from its name (under ``cache_dir()/runs``) or its path; it must be complete."""
+    text = str(run)
+    path = Path(text).expanduser()
+    if not (os.sep in text or text.startswith((".", "~"))):
+        path = cache_dir() / "runs" / sanitize_name(text)
+    if not (path / "model" / "config.json").is_file() or not (path / "metrics.json").is_file():
+        raise ValueError(f"run {text!r} is not a finished run folder ({path}); expected model/ and metrics.json "
+                         "(see `python -m compression jobs list`)")
+    return path
+
+
+def resolve_destination(to: str | Path) -> Path:
+    """A bare name goes under ``cache_dir()/exports``; a path is used as given, but its last part
+    must be a plain name and it may not contain ``..``."""
+    text = str(to)
+    if os.sep not in text and not text.startswith("~"):
+        return cache_dir() / "exports" / sanitize_name(text)
+    path = Path(text).expanduser()
+    if ".." in path.parts:
+        raise ValueError(f"export path {text!r} contains '..'; expected a folder path without parent references")
+    sanitize_name(path.name)
+    return path.absolute()
+
+
+def export_run(run_dir: str | Path, to_dir: str | Path, overwrite: bool = False, make_zip: bool = True,
+               verify: bool = True) -> Path:
+    """Write the export folder ``to_dir`` for run ``run_dir`` (a name or a path); returns its path.
+
+    Refuses an existing destination unless ``overwrite``. ``<to_dir>.zip`` is written too when the
+    export is under 200 MB. Raises ``ValueError`` (one line) if the reloaded export's logits differ.
+    """
+    run = resolve_run(run_dir)
+    dest = resolve_destination(to_dir)
+    zip_path = dest.with_name(dest.name + ".zip")
+    if dest.exists() and not overwrite:
+        raise ValueError(f"export folder {dest} already exists; expected a new name (or overwrite=True / --overwrite)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        remote_code = _copy_model(run / "model", tmp)
+        shutil.copyfile(run / "metrics.json", tmp / "metrics.json")
+        if (run / "recipe.yaml").is_file():
+            shutil.copyfile(run / "recipe.yaml", tmp / "recipe.yaml")
+        metrics = json.loads((run / "metrics.json").read_text())
+        (tmp / "README.md").write_text(model_card(metrics, dest.name, remote_code))
+        if verify:
+            difference = verify_export(run / "model", tmp, remote_code)
+            if difference > 1e-4:
+                raise ValueError(f"export check failed: the reloaded model's logits differ from the run's by "
+                                 f"{difference:.2e} (max |diff|); expected <= 1e-4")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if zip_path.exists() and overwrite:
+        zip_path.unlink()
+    if make_zip and folder_bytes(dest) < ZIP_LIMIT_BYTES:
+        _zip(dest, zip_path)
+    return dest
+
+
+def zip_path_for(export_dir: str | Path) -> Path | None:
+    """The browser-download zip written beside an export, if there is one."""
+    p = Path(export_dir)
+    z = p.with_name(p.name + ".zip")
+    return z if z.is_file() else None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _copy_model(src: Path, dst: Path) -> bool:
+    """Copy the Hugging Face files, never a pickle; returns whether the model needs remote code."""
+    dst.mkdir(parents=True)
+    config = json.loads((src / "config.json").read_text())
+    remote_code = bool(config.get("auto_map"))
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.suffix in PICKLE_SUFFIXES:
+            continue
+        if f.suffix == ".py" and not remote_code:
+            continue
+        shutil.copyfile(f, dst / f.name)
+    if not any(dst.glob("*.safetensors")):
+        _resave_as_safetensors(src, dst)
+    return remote_code
+
+
+def _resave_as_safetensors(src: Path, dst: Path) -> None:
+    """A run folder with pickle weights only (not written by this project): load it, save safetensors."""
+    from .models import load
+
+    loaded = load(str(src))
+    loaded.model.save_pretrained(dst, safe_serialization=True)
+
+
+def _zip(folder: Path, zip_path: Path) -> None:
+    tmp = zip_path.with_name(f".{zip_path.stem}.tmp-{os.getpid()}")
+    archive = shutil.make_archive(str(tmp), "zip", root_dir=folder.parent, base_dir=folder.name)
+    os.replace(archive, zip_path)
+
+
+# ------------------------------------------------------------------------------------------- check
+
+# Runs in a fresh interpreter with transformers alone: no project import, exactly what a user does.
+_RELOAD_SCRIPT = r"""
+import sys, json, torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoProcessor
+folder, image, question, out, remote = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+if remote:
+    from transformers import AutoModelForImageTextToText as cls
+else:
+    from transformers import LlavaForConditionalGeneration as cls
+model = cls.from_pretrained(folder, trust_remote_code=remote).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+inputs = processor(images=[Image.open(image).convert("RGB")], text=[question], return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+save_file({"logits": logits.float().contiguous()}, out)
+print(type(model).__name__, tuple(logits.shape))
+"""
+
+
+def verify_export(run_model: Path, export_dir: Path, remote_code: bool) -> float:
+    """Max |logits difference| between the run's model (loaded here) and the export reloaded in a
+    fresh process with plain transformers, on one ShapesVQA test question."""
+    from safetensors.torch import load_file
+
+    from . import data
+    from .models import load
+
+    sample = data.generate("test", 0)
+    text = data.prompt(sample.question)
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "image.png"
+        sample.image.save(image)
+        out = Path(tmp) / "logits.safetensors"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
+        done = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, str(export_dir), str(image), text, str(out),
+                               "1" if remote_code else "0"], capture_output=True, text=True, env=env, cwd=tmp,
+                              timeout=600)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ValueError(f"export check failed: the export does not load with plain transformers: {last}")
+        exported = load_file(out)["logits"]
+    original = load(str(run_model))
+    inputs = original.processor(images=[sample.image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        reference = original.model(**inputs).logits.float()
+    if reference.shape != exported.shape:
+        raise ValueError(f"export check failed: logits shape {tuple(exported.shape)}; expected {tuple(reference.shape)}")
+    return (reference - exported).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------- model card
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "pct":
+        return f"{value:.1%}"
+    if kind == "int":
+        return f"{value:,}"
+    if kind == "mb":
+        return f"{value / 1e6:.2f} MB"
+    return f"{value:.1f}"
+
+
+def model_card(metrics: dict[str, Any], name: str, remote_code: bool) -> str:
+    """README.md: what was done, the original-vs-compressed table, how to load it."""
+    o, c = metrics.get("original", {}), metrics.get("compressed", {})
+    recipe = metrics.get("recipe") or {}
+    prune, recovery = recipe.get("prune", {}), recipe.get("recovery", {})
+    rows = [("accuracy (exact match)", "accuracy", "pct")]
+    rows += [(f"accuracy: {t}", None, "pct") for t in o.get("per_type", {})]
+    rows += [("parameters", "params_total", "int"), ("language-model parameters", "params_language", "int"),
+             ("weights on disk", "size_bytes", "mb"), ("prefill (ms, measured)", "prefill_ms", "f"),
+             ("decode (tokens/s, measured)", "decode_tokens_per_s", "f")]
+    table = ["| | original | compressed |", "| --- | --- | --- |"]
+    for label, key, kind in rows:
+        if key is None:
+            t = label.split(": ", 1)[1]
+            a, b = o.get("per_type", {}).get(t), c.get("per_type", {}).get(t)
+        else:
+            a, b = o.get(key), c.get(key)
+        table.append(f"| {label} | {_fmt(a, kind)} | {_fmt(b, kind)} |")
+    what_if = metrics.get("what_if") or {}
+    if what_if:
+        table.append(f"| prefill (ms, what-if estimate) | {_fmt(what_if['original'].get('prefill_ms'), 'f')} | "
+                     f"{_fmt(what_if['compressed'].get('prefill_ms'), 'f')} |")
+    if remote_code:
+        load_code = (f'from transformers import AutoModelForImageTextToText, AutoProcessor\n\n'
+                     f'model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True)\n'
+                     f'processor = AutoProcessor.from_pretrained("{name}")')
+        why = ("Layers were pruned to different widths, so the folder ships its own modeling code "
+               "(`modeling_llava_pruned.py`): load it with `trust_remote_code=True`.")
+    else:
+        load_code = (f'from transformers import AutoProcessor, LlavaForConditionalGeneration\n\n'
+                     f'model = LlavaForConditionalGeneration.from_pretrained("{name}")\n'
+                     f'processor = AutoProcessor.from_pretrained("{name}")')
+        why = "Every layer has the same shape, so plain transformers loads it."
+    steps = []
+    if prune.get("method", "none") != "none":
+        steps.append(f"{prune['method']}wise pruning of {prune['ratio']:.0%} of the language model "
+                     f"(scorer: {prune.get('scorer')})")
+    if recovery.get("mode", "none") != "none":
+        steps.append(f"recovery: {recovery['mode']} finetuning on {recovery['data_fraction']:.0%} of the training "
+                     f"data, distillation {recovery['distillation']}")
+    if recipe.get("quantize", "none") != "none":
+        steps.append(f"quantization: {recipe['quantize']}")
+    samples = metrics.get("eval_samples", "?")
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [llava, pruned, compression]
+---
+# {name}
+
+Compressed from `{recipe.get('model', '?')}` with MLLM Compression Studio: {'; '.join(steps) or 'no compression'}.
+Methods: structural pruning and small-data recovery after Huang et al., *Investigating Structural Pruning
+and Recovery Techniques for Compressing MLLMs* (arXiv 2507.20749).
+
+## Original vs compressed
+
+Accuracy on {samples} held-out ShapesVQA questions; latency measured on the machine that ran the job
+(batch 1, medians, both models interleaved in one process).
+
+{chr(10).join(table)}
+
+## Load it
+
+{why}
+
+```python
+{load_code}
+```
+
+`recipe.yaml` reproduces this run (`python -m compression run recipe.yaml`); `metrics.json` holds every number above.
+"""

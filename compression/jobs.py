@@ -1,0 +1,441 @@
+"""Background compression jobs: a SQLite store and one OS process per job.
+
+A job is a validated recipe run by ``python -m compression worker JOB`` in its own process
+(started detached, in its own session, so it outlives the page or shell that started it and
+never runs inside the Streamlit process). The store, ``cache_dir()/jobs.db`` (SQLite, WAL, so
+readers never block the worker), holds for each job its state (queued / running / succeeded /
+failed / cancelled), stage, step / total, loss, ETA, pid and heartbeat. Per job,
+``cache_dir()/jobs/<id>/`` holds the log and a work folder (the pruned model and recovery
+checkpoints, for resuming). A finished job's run folder is ``cache_dir()/runs/<id>/``, written
+by ``compression.pipeline`` under a temporary name and renamed when complete.
+
+Scheduling is pull-based and has no daemon: ``schedule()`` marks dead workers failed (pid gone,
+or no heartbeat for ``COMPRESSION_HEARTBEAT_STALE_S``) and starts queued jobs while fewer than
+``max_concurrent()`` run. It is called on submit, by a worker when it ends, and by every reader
+(``list_jobs``, ``get``), so a UI that polls keeps the queue moving.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .paths import REPO_ROOT, cache_dir
+from .recipe import Recipe
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+_COLUMNS = """
+    id TEXT PRIMARY KEY, name TEXT, recipe TEXT NOT NULL, state TEXT NOT NULL, stage TEXT,
+    step INTEGER DEFAULT 0, total INTEGER DEFAULT 0, loss REAL, eta_s REAL, pid INTEGER,
+    created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL, error TEXT,
+    run_dir TEXT, attempts INTEGER DEFAULT 0
+"""
+# Popen handles of workers this process started: polling them reaps zombies, and their return
+# code tells how a worker died (a zombie still answers os.kill(pid, 0)).
+_children: dict[str, subprocess.Popen] = {}
+
+
+class JobError(ValueError):
+    """A request the store cannot honour (unknown id, wrong state); one line."""
+
+
+class JobCancelled(BaseException):
+    """Raised in the worker by SIGTERM, so the pipeline unwinds and removes its temporary files."""
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+def max_concurrent() -> int:
+    """Jobs allowed to run at once: ``$COMPRESSION_MAX_JOBS``, default 1 (a CPU has no room for two)."""
+    value = os.environ.get("COMPRESSION_MAX_JOBS", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise JobError(f"COMPRESSION_MAX_JOBS={value!r}; expected a whole number >= 1")
+    return int(value)
+
+
+def heartbeat_interval() -> float:
+    return float(os.environ.get("COMPRESSION_HEARTBEAT_S", "2"))
+
+
+def heartbeat_stale_after() -> float:
+    return float(os.environ.get("COMPRESSION_HEARTBEAT_STALE_S", "120"))
+
+
+def db_path() -> Path:
+    return cache_dir() / "jobs.db"
+
+
+def job_dir(job_id: str) -> Path:
+    return cache_dir() / "jobs" / _checked_id(job_id)
+
+
+def log_path(job_id: str) -> Path:
+    return job_dir(job_id) / "log.txt"
+
+
+def runs_dir() -> Path:
+    return cache_dir() / "runs"
+
+
+# ------------------------------------------------------------------------------------------- store
+
+@contextmanager
+def _db(immediate: bool = False) -> Iterator[sqlite3.Connection]:
+    """A fresh connection per use (safe across threads and processes); ``immediate`` takes the
+    write lock at once, so two schedulers never start the same queued job."""
+    with closing(sqlite3.connect(db_path(), timeout=30, isolation_level=None)) as conn:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 30000")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS})")
+        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _row(conn: sqlite3.Connection, job_id: str) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise JobError(f"no job {job_id!r}; see `python -m compression jobs list`")
+    return dict(row)
+
+
+def _checked_id(job_id: str) -> str:
+    if not job_id or "/" in job_id or "\\" in job_id or job_id.startswith(".") or ".." in job_id:
+        raise JobError(f"job id {job_id!r} is not a job id; expected a name like 'run-20261121-081500-ab12'")
+    return job_id
+
+
+def _new_id(name: str | None) -> str:
+    return f"{name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+# ------------------------------------------------------------------------------------------- public API
+
+def submit(recipe: Recipe | dict | str, name: str | None = None) -> str:
+    """Queue a recipe (a Recipe, a dict, YAML text or a .yaml path); returns the job id."""
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else Recipe.from_yaml(recipe)
+    job_id = _new_id(name or recipe.name)
+    job_dir(job_id).mkdir(parents=True, exist_ok=True)
+    with _db() as conn:
+        conn.execute("INSERT INTO jobs (id, name, recipe, state, stage, created) VALUES (?, ?, ?, 'queued', "
+                     "'queued', ?)", (job_id, name or recipe.name, recipe.to_yaml(), time.time()))
+    schedule()
+    return job_id
+
+
+def list_jobs() -> list[dict[str, Any]]:
+    """Every job, newest first (the queue is advanced first)."""
+    schedule()
+    with _db() as conn:
+        return [_public(dict(r)) for r in conn.execute("SELECT * FROM jobs ORDER BY created DESC, id DESC")]
+
+
+def get(job_id: str) -> dict[str, Any]:
+    schedule()
+    with _db() as conn:
+        return _public(_row(conn, _checked_id(job_id)))
+
+
+def cancel(job_id: str) -> dict[str, Any]:
+    """Cancel a queued job, or stop a running one (SIGTERM to its process group)."""
+    with _db(immediate=True) as conn:
+        job = _row(conn, _checked_id(job_id))
+        if job["state"] in FINISHED:
+            raise JobError(f"job {job_id} is already {job['state']}; only queued or running jobs can be cancelled")
+        conn.execute("UPDATE jobs SET state = 'cancelled', finished = ?, error = 'cancelled by the user' "
+                     "WHERE id = ?", (time.time(), job_id))
+    if job["state"] == "running" and job["pid"]:
+        try:
+            os.killpg(job["pid"], signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _wait_gone(job_id, job["pid"], timeout=10)
+    schedule()
+    return get(job_id)
+
+
+def resume(job_id: str) -> dict[str, Any]:
+    """Queue a failed or cancelled job again; it continues from its last checkpoint."""
+    with _db(immediate=True) as conn:
+        job = _row(conn, _checked_id(job_id))
+        if job["state"] not in ("failed", "cancelled"):
+            raise JobError(f"job {job_id} is {job['state']}; only failed or cancelled jobs can be resumed")
+        conn.execute("UPDATE jobs SET state = 'queued', stage = 'queued', error = NULL, pid = NULL, finished = NULL,"
+                     " eta_s = NULL WHERE id = ?", (job_id,))
+    schedule()
+    return get(job_id)
+
+
+def log_tail(job_id: str, n: int = 50) -> str:
+    """The last ``n`` lines of the job's log."""
+    path = log_path(job_id)
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 200 * max(1, n)))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    return "\n".join(lines[-n:])
+
+
+def list_runs() -> list[dict[str, Any]]:
+    """Finished run folders (complete ones only), newest first, each with its metrics and recipe."""
+    root = runs_dir()
+    runs = []
+    for folder in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []:
+        if folder.name.startswith(".") or not (folder / "metrics.json").is_file():
+            continue  # hidden names are runs still being written
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text())
+        except json.JSONDecodeError:
+            continue
+        runs.append({"name": folder.name, "path": str(folder), "model": str(folder / "model"),
+                     "finished": (folder / "metrics.json").stat().st_mtime, "metrics": metrics,
+                     "recipe": metrics.get("recipe")})
+    return runs
+
+
+def wait(job_id: str, timeout: float = 600, poll: float = 0.5) -> dict[str, Any]:
+    """Block until the job has finished (for scripts and tests); returns its row."""
+    deadline = time.time() + timeout
+    while True:
+        job = get(job_id)
+        if job["state"] in FINISHED or time.time() > deadline:
+            return job
+        time.sleep(poll)
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    job["log_path"] = str(log_path(job["id"]))
+    job["progress"] = job["step"] / job["total"] if job.get("total") else None
+    return job
+
+
+# ------------------------------------------------------------------------------------------- scheduler
+
+def schedule() -> list[str]:
+    """Mark dead workers failed, then start queued jobs while slots are free; returns the started ids."""
+    now = time.time()
+    # A read-only look first: a UI polling every second must not queue up behind the workers' writes.
+    with _db() as conn:
+        running = [dict(r) for r in conn.execute("SELECT * FROM jobs WHERE state = 'running'")]
+        queued = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+    dead = {(j["id"], j["pid"]): reason for j in running if (reason := _death_reason(j, now))}
+    started: list[str] = []
+    if dead or (queued and len(running) < max_concurrent()):
+        with _db(immediate=True) as conn:
+            for (job_id, pid), reason in dead.items():
+                changed = conn.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? AND "
+                                       "state = 'running' AND pid IS ?", (now, reason, job_id, pid)).rowcount
+                if changed:
+                    _append_log(job_id, f"[scheduler] marked failed: {reason}")
+            free = max_concurrent() - conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'").fetchone()[0]
+            waiting = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created, id")]
+            for job_id in waiting[:max(0, free)]:
+                conn.execute("UPDATE jobs SET state = 'running', stage = 'starting', started = ?, heartbeat = ?, "
+                             "pid = NULL, attempts = attempts + 1 WHERE id = ?", (now, now, job_id))
+                process = _spawn(job_id)
+                _children[job_id] = process
+                conn.execute("UPDATE jobs SET pid = ? WHERE id = ?", (process.pid, job_id))
+                started.append(job_id)
+    for job_id, process in list(_children.items()):
+        if process.poll() is not None and job_id not in started:
+            _children.pop(job_id, None)
+    return started
+
+
+def _spawn(job_id: str) -> subprocess.Popen:
+    log = open(log_path(job_id), "ab")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
+    try:
+        # start_new_session: the worker leads its own process group, so cancel can signal all of it
+        # and closing the terminal or the app does not kill it.
+        return subprocess.Popen([sys.executable, "-m", "compression", "worker", job_id], cwd=REPO_ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def _death_reason(job: dict[str, Any], now: float) -> str | None:
+    pid = job["pid"]
+    beat = job["heartbeat"] or job["started"] or now
+    if pid is None:
+        return f"the worker never started ({now - beat:.0f}s)" if now - beat > heartbeat_stale_after() else None
+    child = _children.get(job["id"])
+    if child is not None and child.pid == pid and child.poll() is not None:
+        code = child.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        return f"worker process {pid} {how} without reporting"
+    if not _alive(pid, job["id"]):
+        return (f"worker process {pid} disappeared without reporting (killed, e.g. by SIGKILL or the "
+                "out-of-memory killer)")
+    if now - beat > heartbeat_stale_after():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return f"no heartbeat from worker process {pid} for {now - beat:.0f}s (hung); killed it"
+    return None
+
+
+def _alive(pid: int, job_id: str) -> bool:
+    """Is ``pid`` still this job's worker? A zombie or a recycled pid does not count."""
+    proc = Path(f"/proc/{pid}")
+    if Path("/proc/self").exists():
+        try:
+            if job_id.encode() not in (proc / "cmdline").read_bytes():
+                return False
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            return state not in ("Z", "X")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _wait_gone(job_id: str, pid: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        child = _children.get(job_id)
+        if (child is not None and child.poll() is not None) or not _alive(pid, job_id):
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # ignored SIGTERM for too long
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _append_log(job_id: str, line: str) -> None:
+    try:
+        with open(log_path(job_id), "a") as f:
+            f.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+def run_worker(job_id: str) -> int:
+    """The body of ``python -m compression worker JOB``: run the job's recipe, record how it went."""
+    from transformers.utils import logging as hf_logging
+
+    from . import pipeline
+
+    hf_logging.disable_progress_bar()  # a log file is no place for progress bars
+    pid = os.getpid()
+    with _db(immediate=True) as conn:
+        job = _row(conn, _checked_id(job_id))
+        if job["state"] != "running" or job["pid"] not in (None, pid):
+            print(f"job {job_id} is {job['state']} (pid {job['pid']}); this worker ({pid}) exits", flush=True)
+            return 0
+        conn.execute("UPDATE jobs SET pid = ?, heartbeat = ?, stage = 'load' WHERE id = ?", (pid, time.time(), job_id))
+
+    def on_sigterm(signum, frame):
+        raise JobCancelled()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(job_id, pid, stop), daemon=True).start()
+    recipe = Recipe.from_yaml(job["recipe"])
+    reporter = _Reporter(job_id, pid)
+    work = job_dir(job_id) / "work"
+    print(f"[worker {pid}] job {job_id}, attempt {job['attempts']}", flush=True)
+    try:
+        pipeline.run_recipe(recipe, runs_dir() / job_id, progress=reporter, work_dir=work,
+                            log=lambda line: print(line, flush=True), overwrite=True,
+                            extra_logs={"worker.log": log_path(job_id)})
+    except JobCancelled:
+        print(f"[worker {pid}] cancelled", flush=True)
+        _finish(job_id, pid, "cancelled", "cancelled by the user")
+        return 143
+    except Exception as e:  # noqa: BLE001 - any failure is recorded on the job, with its first line
+        import traceback
+
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _finish(job_id, pid, "failed", f"{type(e).__name__}: {first}"[:500])
+        return 1
+    finally:
+        stop.set()
+    _finish(job_id, pid, "succeeded", None, run_dir=str(runs_dir() / job_id))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming an unfinished job
+    print(f"[worker {pid}] done: {runs_dir() / job_id}", flush=True)
+    return 0
+
+
+def _finish(job_id: str, pid: int, state: str, error: str | None, run_dir: str | None = None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with _db(immediate=True) as conn:
+        # Only a job still running under this worker changes: a cancel that came first wins.
+        conn.execute("UPDATE jobs SET state = ?, stage = ?, finished = ?, error = ?, run_dir = ?, eta_s = 0 "
+                     "WHERE id = ? AND state = 'running' AND pid = ?",
+                     (state, "done" if state == "succeeded" else state, time.time(), error, run_dir, job_id, pid))
+    schedule()  # a slot is free: start the next queued job
+
+
+def _heartbeat(job_id: str, pid: int, stop: threading.Event) -> None:
+    while not stop.wait(heartbeat_interval()):
+        try:
+            with _db() as conn:
+                conn.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND pid = ?", (time.time(), job_id, pid))
+        except sqlite3.Error:
+            pass  # a busy store: the next beat will do
+
+
+class _Reporter:
+    """The pipeline's progress callback: stage, step / total, loss and ETA into the store, throttled."""
+
+    def __init__(self, job_id: str, pid: int, every_s: float = 0.5):
+        self.job_id, self.pid, self.every_s = job_id, pid, every_s
+        self.last_write = 0.0
+        self.last_stage = None
+        self.first: tuple[float, int] | None = None  # (time, step) of this attempt's first recovery step
+
+    def __call__(self, stage: str, step: int, total: int, loss: float | None) -> None:
+        now = time.time()
+        eta = None
+        if stage == "recover" and total:
+            if self.first is None:
+                self.first = (now, step)
+            t0, s0 = self.first
+            if step > s0:
+                eta = (now - t0) / (step - s0) * (total - step)
+        if stage == self.last_stage and now - self.last_write < self.every_s and step != total:
+            return
+        self.last_stage, self.last_write = stage, now
+        with _db() as conn:
+            if not total:  # a stage without steps: keep the recovery's step / total / loss on view
+                conn.execute("UPDATE jobs SET stage = ?, eta_s = NULL, heartbeat = ? WHERE id = ? AND pid = ?",
+                             (stage, now, self.job_id, self.pid))
+                return
+            conn.execute("UPDATE jobs SET stage = ?, step = ?, total = ?, loss = COALESCE(?, loss), eta_s = ?, "
+                         "heartbeat = ? WHERE id = ? AND pid = ?",
+                         (stage, step, total, loss, eta, now, self.job_id, self.pid))

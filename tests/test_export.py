@@ -1,0 +1,116 @@
+"""Export: safetensors only, model card, zip, names sanitised, refuses to overwrite, and the export
+reloads with plain transformers in a fresh process (plain class, or trust_remote_code for
+non-uniform widths) with the run's logits."""
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from compression import export, pipeline
+from compression.recipe import Recipe
+from tests.tiny import save_tiny
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished runs of a tiny model: layer-pruned (uniform) and width-pruned in part of the
+    layers (non-uniform widths), no recovery: cheap, and both loading paths are covered."""
+    root = tmp_path_factory.mktemp("runs")
+    folder = save_tiny(root / "tiny")
+    made = {}
+    for name, prune in [("uniform", {"method": "layer", "ratio": 0.3}),
+                        ("nonuniform", {"method": "width", "ratio": 0.3, "layer_range": [1, 3]})]:
+        recipe = Recipe.from_dict({"name": name, "model": str(folder), "prune": prune, "eval_samples": 4})
+        old = os.environ.get("COMPRESSION_CACHE")
+        os.environ["COMPRESSION_CACHE"] = str(root / "cache")
+        try:
+            pipeline.run_recipe(recipe, root / name)
+        finally:
+            if old is None:
+                os.environ.pop("COMPRESSION_CACHE", None)
+            else:
+                os.environ["COMPRESSION_CACHE"] = old
+        made[name] = root / name
+    return made
+
+
+@pytest.mark.parametrize("kind, remote_code", [("uniform", False), ("nonuniform", True)])
+def test_export_reloads_in_a_fresh_process_and_carries_everything(runs, tmp_path, kind, remote_code):
+    out = export.export_run(runs[kind], tmp_path / f"export-{kind}")  # checks the reload itself
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "processor_config.json",
+            "recipe.yaml", "metrics.json", "README.md"} <= files
+    assert not [f for f in files if f.endswith(export.PICKLE_SUFFIXES)]
+    assert ("modeling_llava_pruned.py" in files) == remote_code
+    card = (out / "README.md").read_text()
+    assert "| accuracy (exact match) |" in card and "| parameters |" in card
+    assert ("trust_remote_code=True" in card) == remote_code
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"{metrics['compressed']['params_total']:,}" in card
+    zipped = export.zip_path_for(out)
+    assert zipped is not None
+    with zipfile.ZipFile(zipped) as z:
+        assert f"{out.name}/model.safetensors" in z.namelist()
+
+
+def test_a_changed_export_fails_the_fresh_process_check(runs, tmp_path):
+    out = export.export_run(runs["uniform"], tmp_path / "good", make_zip=False, verify=False)
+    weights = load_file(out / "model.safetensors")
+    key = next(k for k in weights if "lm_head" in k)
+    weights[key] = weights[key] + 0.1
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    assert export.verify_export(runs["uniform"] / "model", out, remote_code=False) > 1e-2
+
+
+def test_refuses_to_overwrite_unless_asked(runs, tmp_path):
+    first = export.export_run(runs["uniform"], tmp_path / "same", verify=False)
+    (first / "marker").write_text("old")
+    with pytest.raises(ValueError, match="already exists"):
+        export.export_run(runs["uniform"], tmp_path / "same", verify=False)
+    again = export.export_run(runs["uniform"], tmp_path / "same", overwrite=True, verify=False)
+    assert not (again / "marker").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../b", ".hidden", "", "x" * 101, "bad name", "a\\b", "..",
+                                  "name\x00"])
+def test_names_that_could_escape_are_refused(name):
+    with pytest.raises(ValueError):
+        export.sanitize_name(name)
+
+
+def test_destinations_and_runs_resolve_safely(runs, tmp_path):
+    from compression.paths import cache_dir
+
+    assert export.resolve_destination("my-model_v1.0") == cache_dir() / "exports" / "my-model_v1.0"
+    with pytest.raises(ValueError, match="contains '..'"):
+        export.resolve_destination(str(tmp_path / ".." / "elsewhere"))
+    with pytest.raises(ValueError, match="not allowed"):
+        export.resolve_destination("../../etc")
+    with pytest.raises(ValueError, match="not a finished run folder"):
+        export.resolve_run("no-such-run")
+    with pytest.raises(ValueError, match="not allowed"):
+        export.resolve_run("..")
+    assert export.resolve_run(str(runs["uniform"])) == runs["uniform"]
+
+
+def test_cli_export_json(runs, tmp_path, capsys):
+    from compression import cli
+
+    assert cli.main(["export", str(runs["uniform"]), "--to", str(tmp_path / "cli-export"), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert Path(payload["path"]).is_dir() and payload["zip"].endswith("cli-export.zip")
+    assert cli.main(["export", str(runs["uniform"]), "--to", str(tmp_path / "cli-export")]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,195 @@
+"""Background jobs: real worker processes on a tiny model. kill -9 detected, resume from the
+checkpoint, cancel, a store that survives a restart, two queued jobs with concurrency 1, the run
+folder written atomically, and the same metrics from the CLI and from a job."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from compression import cli, jobs, pipeline
+from compression.recipe import Recipe
+from tests.tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_single_threaded(monkeypatch):
+    # Workers inherit these: one thread each (2 shared cores), fast heartbeats, one job at a time.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("COMPRESSION_HEARTBEAT_S", "0.3")
+    monkeypatch.setenv("COMPRESSION_MAX_JOBS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for job_id, process in list(jobs._children.items()):  # never leave a worker behind
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    jobs._children.clear()
+
+
+def recipe_for(folder: Path, steps: int, name: str = "tiny", checkpoint_every: int = 5) -> Recipe:
+    return Recipe.from_dict({
+        "name": name, "model": str(folder),
+        "prune": {"method": "layer", "ratio": 0.3},
+        "recovery": {"mode": "lora", "distillation": "logits", "data_fraction": 0.005, "batch_size": 4,
+                     "epochs": 3, "max_steps": steps, "learning_rate": 5e-3, "checkpoint_every": checkpoint_every},
+        "eval_samples": 8})
+
+
+def wait_for(predicate, timeout=90, poll=0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
+def comparable(metrics: dict) -> dict:
+    """What must not depend on the process that ran the recipe (latency does)."""
+    return {"original": {k: metrics["original"][k] for k in ("accuracy", "per_type", "params_total")},
+            "compressed": {k: metrics["compressed"][k] for k in ("accuracy", "per_type", "params_total")},
+            "plan": metrics["plan"], "steps": metrics["recovery"]["steps"],
+            "final_loss": round(metrics["recovery"]["final_loss"], 5)}
+
+
+def test_kill_9_is_detected_and_resume_continues_from_the_checkpoint(tiny_folder, tmp_path):
+    recipe = recipe_for(tiny_folder, steps=60)
+    straight = pipeline.run_recipe(recipe, tmp_path / "straight")
+    job_id = jobs.submit(recipe)
+    job = wait_for(lambda: (j := jobs.get(job_id))["step"] >= 8 and j)
+    assert job["state"] == "running" and job["stage"] == "recover" and job["total"] == 60
+    assert job["loss"] is not None and job["eta_s"] is not None and job["eta_s"] > 0
+    os.killpg(job["pid"], signal.SIGKILL)
+    failed = wait_for(lambda: (j := jobs.get(job_id))["state"] == "failed" and j, timeout=10)
+    assert "SIGKILL" in failed["error"]
+    assert not (jobs.runs_dir() / job_id).exists()
+
+    assert jobs.resume(job_id)["state"] in ("queued", "running")
+    done = jobs.wait(job_id, timeout=120)
+    assert done["state"] == "succeeded", jobs.log_tail(job_id, 30)
+    assert done["attempts"] == 2 and done["step"] == done["total"] == 60
+    metrics = json.loads((Path(done["run_dir"]) / "metrics.json").read_text())
+    assert metrics["recovery"]["resumed_from"] >= 5 and metrics["recovery"]["resumed_from"] % 5 == 0
+    assert "resumed from the checkpoint at step" in jobs.log_tail(job_id, 200)
+    # the resumed run lands where the uninterrupted one did
+    assert comparable(metrics) == comparable(straight)
+
+
+def test_cancel_and_a_store_that_survives_a_restart(tiny_folder):
+    running = jobs.submit(recipe_for(tiny_folder, steps=5000, name="long"))
+    queued = jobs.submit(recipe_for(tiny_folder, steps=3, name="waiting"))
+    assert jobs.get(queued)["state"] == "queued"  # concurrency 1: it waits
+    wait_for(lambda: jobs.get(running)["step"] >= 1)
+    assert jobs.cancel(queued)["state"] == "cancelled"
+
+    # Another process (a restarted app) opens the store and sees every job as it is.
+    mine = {j["id"]: (j["state"], j["name"], j["created"], j["attempts"]) for j in jobs.list_jobs()}
+    code = ("import json; from compression import jobs; "
+            "print(json.dumps([[j['id'], j['state'], j['name'], j['created'], j['attempts']] for j in jobs.list_jobs()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    theirs = {row[0]: tuple(row[1:]) for row in json.loads(out.stdout)}
+    assert theirs == mine and mine[running][0] == "running" and mine[queued][0] == "cancelled"
+
+    pid = jobs.get(running)["pid"]
+    cancelled = jobs.cancel(running)
+    assert cancelled["state"] == "cancelled" and cancelled["error"] == "cancelled by the user"
+    assert not jobs._alive(pid, running)
+    assert jobs.get(running)["state"] == "cancelled"  # the worker's own exit does not overwrite it
+    assert "cancelled" in jobs.log_tail(running, 5)
+    assert list(jobs.runs_dir().glob("*")) == [] if jobs.runs_dir().exists() else True  # no half-written run
+    with pytest.raises(jobs.JobError, match="already cancelled"):
+        jobs.cancel(running)
+
+
+def test_two_queued_jobs_run_one_after_the_other_and_match_the_cli(tiny_folder, tmp_path, capsys):
+    recipe = recipe_for(tiny_folder, steps=6, name="pair")
+    first, second = jobs.submit(recipe), jobs.submit(recipe)
+    most_running = 0
+    while True:
+        rows = {j["id"]: j for j in jobs.list_jobs()}
+        most_running = max(most_running, sum(j["state"] == "running" for j in rows.values()))
+        if all(rows[i]["state"] in jobs.FINISHED for i in (first, second)):
+            break
+        time.sleep(0.1)
+    a, b = rows[first], rows[second]
+    assert a["state"] == b["state"] == "succeeded", jobs.log_tail(second, 30)
+    assert most_running == 1
+    assert b["started"] >= a["finished"] - 0.5  # the second started when the first ended
+
+    path = tmp_path / "pair.yaml"
+    path.write_text(recipe.to_yaml())
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "cli-run"), "--json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out)["metrics"]
+    from_job = json.loads((Path(a["run_dir"]) / "metrics.json").read_text())
+    assert comparable(from_cli) == comparable(from_job) == comparable(
+        json.loads((Path(b["run_dir"]) / "metrics.json").read_text()))
+    runs = {r["name"]: r for r in jobs.list_runs()}
+    assert {first, second} <= set(runs)
+    assert (Path(runs[first]["path"]) / "model" / "model.safetensors").is_file()
+    assert yaml.safe_load((Path(runs[first]["path"]) / "recipe.yaml").read_text())["name"] == "pair"
+    assert {"pipeline.log", "worker.log"} <= {p.name for p in (Path(runs[first]["path"]) / "logs").iterdir()}
+
+
+def _insert_running(job_id: str, pid: int, heartbeat: float) -> None:
+    jobs.job_dir(job_id).mkdir(parents=True, exist_ok=True)
+    with jobs._db() as conn:
+        conn.execute("INSERT INTO jobs (id, recipe, state, created, started, heartbeat, pid) "
+                     "VALUES (?, 'model: reference', 'running', ?, ?, ?, ?)",
+                     (job_id, time.time(), time.time(), heartbeat, pid))
+
+
+def test_a_worker_gone_or_hung_is_marked_failed_with_the_reason():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    _insert_running("gone-1", gone.pid, time.time())
+    hung = subprocess.Popen(["sh", "-c", "sleep 30", "hung-1"], start_new_session=True)
+    _insert_running("hung-1", hung.pid, time.time() - 3600)
+    jobs.schedule()
+    assert "disappeared" in jobs.get("gone-1")["error"] and jobs.get("gone-1")["state"] == "failed"
+    job = jobs.get("hung-1")
+    assert job["state"] == "failed" and "no heartbeat" in job["error"]
+    assert hung.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_the_run_folder_appears_only_when_complete(tiny_folder, tmp_path, monkeypatch):
+    recipe = recipe_for(tiny_folder, steps=2)
+
+    def broken_save(student, folder, plan):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline, "_save_model", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.run_recipe(recipe, jobs.runs_dir() / "half")
+    assert not (jobs.runs_dir() / "half").exists()
+    assert [p.name for p in jobs.runs_dir().iterdir()] == []  # the temporary folder is gone too
+    (jobs.runs_dir() / ".half.tmp-1").mkdir()
+    (jobs.runs_dir() / ".half.tmp-1" / "metrics.json").write_text("{}")
+    assert jobs.list_runs() == []
+
+
+def test_bad_requests_are_one_line_errors():
+    with pytest.raises(jobs.JobError, match="no job 'nope'"):
+        jobs.get("nope")
+    with pytest.raises(jobs.JobError, match="not a job id"):
+        jobs.get("../etc")
+    with pytest.raises(ValueError, match="recovery.mode"):
+        jobs.submit({"recovery": {"mode": "everything"}})
