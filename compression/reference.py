@@ -12,7 +12,7 @@ Training follows the LLaVA stages, shrunk to a CPU budget (shared/NOTES-referenc
    with the per-patch auxiliary loss kept on the projector output so shape identity is not
    thrown away there, and a 1-2-shape curriculum for the first steps.
 
-Command (about 25 min on 2 CPU cores)::
+Command (about 30-55 min on 2 CPU cores, depending on what else runs)::
 
     python -m compression.reference --out compression/assets/reference
 """
@@ -99,7 +99,7 @@ class TrainConfig:
     train_samples: int = 40_000      # the whole fixed train split
     curriculum_samples: int = 8_000  # extra 1-2-shape scenes for the first steps
     vision_steps: int = 600          # stage 1
-    steps: int = 3_000               # stage 2
+    steps: int = 4_000               # stage 2
     curriculum_steps: int = 400
     batch_size: int = 64
     lr_language: float = 1e-3
@@ -110,17 +110,21 @@ class TrainConfig:
     eval_samples: int = 500
 
 
-def patch_labels(scene: tuple[data.Shape, ...]) -> tuple[list[int], list[int]]:
-    """Per patch (row-major 4x4 grid): shape id and colour id of its quadrant's object, 0 = empty."""
+def patch_labels(scene: tuple[data.Shape, ...]) -> tuple[list[int], list[int], list[int]]:
+    """Per patch (row-major 4x4 grid): shape id and colour id of its quadrant's object (0 = empty),
+    and the quadrant itself. Without the quadrant label the projector kept *what* each token shows
+    but not *where*, and position questions stayed near 60 % (first training run)."""
     by_quadrant = {s.quadrant: s for s in scene}
     grid = data.IMAGE_SIZE // PATCH_SIZE
-    shapes, colors = [], []
+    shapes, colors, quadrants = [], [], []
     for r in range(grid):
         for c in range(grid):
-            s = by_quadrant.get((r // (grid // 2)) * 2 + c // (grid // 2))
+            quadrant = (r // (grid // 2)) * 2 + c // (grid // 2)
+            s = by_quadrant.get(quadrant)
             shapes.append(0 if s is None else 1 + data.SHAPES.index(s.shape))
             colors.append(0 if s is None else 1 + list(data.COLORS).index(s.color))
-    return shapes, colors
+            quadrants.append(quadrant)
+    return shapes, colors, quadrants
 
 
 def encode_for_training(processor, samples: list[data.Sample], max_len: int = 40) -> dict[str, torch.Tensor]:
@@ -141,6 +145,7 @@ def encode_for_training(processor, samples: list[data.Sample], max_len: int = 40
         "input_ids": ids_t, "attention_mask": (ids_t != tok.pad_token_id).long(), "labels": torch.tensor(labels),
         "pixel_values": enc["pixel_values"].to(torch.float16),
         "patch_shape": torch.tensor([a[0] for a in aux]), "patch_color": torch.tensor([a[1] for a in aux]),
+        "patch_quadrant": torch.tensor([a[2] for a in aux]),
     }
 
 
@@ -176,22 +181,29 @@ def train(out: Path, cfg: TrainConfig, log=print) -> dict:
     text_dim = model.config.text_config.hidden_size
     heads = {  # probes: discarded after training
         "vision_shape": torch.nn.Linear(vision_dim, 4), "vision_color": torch.nn.Linear(vision_dim, 7),
-        "proj_shape": torch.nn.Linear(text_dim, 4), "proj_color": torch.nn.Linear(text_dim, 7)}
+        "vision_quadrant": torch.nn.Linear(vision_dim, 4),
+        "proj_shape": torch.nn.Linear(text_dim, 4), "proj_color": torch.nn.Linear(text_dim, 7),
+        "proj_quadrant": torch.nn.Linear(text_dim, 4)}
     g = torch.Generator().manual_seed(cfg.seed)
     history = []
 
     def batch_from(pool, bs):
         idx = torch.randint(len(pool["input_ids"]), (bs,), generator=g)
-        return {k: v[idx] for k, v in pool.items()}
+        b = {k: v[idx] for k, v in pool.items()}
+        width = int(b["attention_mask"].sum(1).max())  # right-padded: drop all-padding columns
+        for k in ("input_ids", "attention_mask", "labels"):
+            b[k] = b[k][:, :width]
+        return b
 
     def aux_loss(feats, b, prefix):
-        return (F.cross_entropy(heads[prefix + "_shape"](feats).flatten(0, 1), b["patch_shape"].flatten())
-                + F.cross_entropy(heads[prefix + "_color"](feats).flatten(0, 1), b["patch_color"].flatten()))
+        return sum(F.cross_entropy(heads[f"{prefix}_{name}"](feats).flatten(0, 1), b[f"patch_{name}"].flatten())
+                   for name in ("shape", "color", "quadrant"))
 
     # Stage 1: vision pretraining on per-patch labels.
     vt = model.model.vision_tower
-    opt = torch.optim.AdamW(list(vt.parameters()) + list(heads["vision_shape"].parameters())
-                            + list(heads["vision_color"].parameters()), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(list(vt.parameters()) + [p for k in ("shape", "color", "quadrant")
+                                                     for p in heads[f"vision_{k}"].parameters()],
+                            lr=1e-3, weight_decay=0.01)
     for step in range(cfg.vision_steps):
         b = batch_from(train_set, cfg.batch_size)
         feats = vt(b["pixel_values"].float()).last_hidden_state[:, 1:]
@@ -212,7 +224,7 @@ def train(out: Path, cfg: TrainConfig, log=print) -> dict:
     vision_params = list(vt.parameters()) + list(model.model.multi_modal_projector.parameters())
     vision_ids = {id(p) for p in vision_params}
     language_params = [p for p in model.parameters() if id(p) not in vision_ids]
-    probe_params = [p for k in ("proj_shape", "proj_color") for p in heads[k].parameters()]
+    probe_params = [p for k in ("shape", "color", "quadrant") for p in heads[f"proj_{k}"].parameters()]
     opt = torch.optim.AdamW([
         {"params": language_params, "lr": cfg.lr_language, "base": cfg.lr_language},
         {"params": vision_params + probe_params, "lr": cfg.lr_vision, "base": cfg.lr_vision}], weight_decay=0.01)
