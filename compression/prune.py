@@ -474,6 +474,15 @@ def _sync_config(model: nn.Module, anatomy: Anatomy) -> None:
     if not isinstance(model.config, LlavaPrunedConfig):
         model.config.__class__ = LlavaPrunedConfig
         model.__class__ = LlavaPrunedForConditionalGeneration
+    _forget_legacy_key_mapping(model)
+
+
+def _forget_legacy_key_mapping(model: nn.Module) -> None:
+    """A model read by ``from_pretrained`` remembers transformers' legacy LLaVA key renaming and
+    ``save_pretrained`` writes the old keys back ("language_model.model..."); transformers maps them
+    back only for model_type "llava", so a "llava_pruned" folder would load with random weights.
+    Forgetting the mapping makes it save today's module names, which load as they are."""
+    vars(model).pop("_weight_conversions", None)
 
 
 def apply_plan(model: nn.Module, anatomy: Anatomy, plan: Plan) -> tuple[nn.Module, Anatomy]:
@@ -520,6 +529,10 @@ def save_pruned(model: nn.Module, processor: Any, out_dir: str | Path, plan: Pla
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    from .pruned_modeling import LlavaPrunedForConditionalGeneration
+
+    if isinstance(model, LlavaPrunedForConditionalGeneration):
+        _forget_legacy_key_mapping(model)
     try:
         model.save_pretrained(tmp)
         if processor is not None:

@@ -11,7 +11,7 @@ import torch
 
 from compression import data, models
 from compression.evaluate import encode
-from compression.prune import apply_plan, make_plan, save_pruned
+from compression.prune import apply_plan, load_plan, make_plan, save_pruned
 from compression.pruned_modeling import LlavaPrunedForConditionalGeneration
 from tests.tiny import LANGUAGES, VISIONS, tiny_llava
 
@@ -204,6 +204,18 @@ def test_cli_prune_writes_a_loadable_folder_and_rejects_bad_input(tmp_path, caps
     loaded = models.load(str(out))
     assert loaded.anatomy.num_layers == 3
     assert models.parameter_counts(loaded.model, loaded.anatomy)["total"] == payload["params_after"]
+    # width, non-uniform, from a model read by from_pretrained (which remembers legacy key names)
+    wide = tmp_path / "wide"
+    assert cli.main(["prune", "--model", str(source), "--method", "width", "--ratio", "0.2", "--layer-range", "1:4",
+                     "--scorer", "magnitude", "--out", str(wide)]) == 0
+    plan = load_plan(wide / "pruning_plan.json")
+    reference = models.load(str(source))
+    expected, _ = apply_plan(reference.model, reference.anatomy, plan)
+    reloaded = models.load(str(wide))
+    assert reloaded.model.config.model_type == "llava_pruned"
+    inputs = _inputs(reference.processor)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.model(**inputs).logits, expected(**inputs).logits, atol=1e-5)
     capsys.readouterr()
     for argv in (["--ratio", "1.5"], ["--ratio", "0.3", "--target-mb", "1"], [],
                  ["--ratio", "0.3", "--layer-range", "x"], ["--ratio", "0.99"]):
