@@ -9,8 +9,9 @@
    reach hundreds). Written so the claim "this model has / has no marked outliers" rests on numbers.
 2. Accuracy vs keep ratio {100, 50, 25, 12.5 %} under simulated W4A4 (per-group-128 asymmetric weights,
    per-token activations, every decoder linear) for the semantic (FastV attention, layer 2), hybrid
-   (alpha 0.7), outlier-only (S^Q) and random scorers, plus dense W4A4 and full precision (dense and pruned).
-   Hybrid vs semantic at 12.5 % with a paired standard error (same questions; McNemar discordant pairs).
+   (alpha 0.7), outlier-only (S^Q) and random scorers, plus dense W4A4 and full precision, with the kept
+   tokens' original position ids. Ablations at 12.5 %: contiguous (re-indexed) positions under W4A4, and
+   full precision. Hybrid vs semantic at 12.5 % with a paired standard error (same questions; discordant pairs).
 3. Prefill latency vs keep ratio (full precision, batch 1, interleaved rounds via ``evaluate.latency``):
    the language model on the pruned ``inputs_embeds``; the scoring cost (vision tower + scores) measured
    apart, since ``evaluate.latency`` runs ``inputs_fn`` outside the timed forward.
@@ -82,40 +83,50 @@ def outlier_study(loaded: models.LoadedModel, samples: list[data.Sample]) -> lis
     return rows
 
 
-def projector_ranges(loaded: models.LoadedModel, samples: list[data.Sample]) -> torch.Tensor:
+def input_ranges(loaded: models.LoadedModel, samples: list[data.Sample]) -> dict[str, torch.Tensor]:
+    """Per-token ranges entering the language model: visual tokens (projector output) and text embeddings."""
     with torch.no_grad():
         inputs = evaluate.encode(loaded.processor, [s.image for s in samples], [s.question for s in samples])
-        return tokens.outlier_intensity(tokens.merge_inputs(loaded.model, inputs).features.float()).flatten()
+        merged = tokens.merge_inputs(loaded.model, inputs)
+        image = torch.zeros_like(merged.attention_mask, dtype=torch.bool).scatter_(1, merged.image_positions, True)
+        text = merged.attention_mask.bool() & ~image
+        return {"visual (projector output)": tokens.outlier_intensity(merged.features.float()).flatten(),
+                "text (input embeddings)": tokens.outlier_intensity(merged.inputs_embeds[text].float())}
 
 
 # ------------------------------------------------------------------------------------------ 2. accuracy
 
-def run_accuracy(loaded: models.LoadedModel, samples: list[data.Sample], batch_size: int) -> tuple[list[dict], dict]:
+def run_accuracy(loaded: models.LoadedModel, samples: list[data.Sample], batch_size: int,
+                 max_new_tokens: int) -> tuple[list[dict], dict]:
+    """The W4A4 grid (every scorer x keep ratio, original positions), dense fp32 / W4A4, and two ablations at
+    12.5 %: contiguous positions under W4A4, and full precision (semantic and hybrid)."""
     rows, correct = [], {}
 
-    def record(precision: str, scorer: str, ratio: float, generate_fn=None) -> None:
+    def record(precision: str, scorer: str, ratio: float, positions: str) -> None:
         start = time.perf_counter()
+        generate_fn = (None if scorer == "dense" else
+                       tokens.make_generate_fn(ratio, scorer, alpha=0.7, seed=0, positions=positions))
         result = evaluate.accuracy(loaded.model, loaded.processor, samples, batch_size=batch_size,
-                                   generate_fn=generate_fn)
+                                   max_new_tokens=max_new_tokens, generate_fn=generate_fn)
         hits = [evaluate.normalize_answer(p) == evaluate.normalize_answer(s.answer)
                 for p, s in zip(result.predictions, samples)]
-        correct[(precision, scorer, ratio)] = hits
-        rows.append({"precision": precision, "scorer": scorer, "keep_ratio": ratio,
+        correct[(precision, scorer, ratio, positions)] = hits
+        rows.append({"precision": precision, "scorer": scorer, "keep_ratio": ratio, "positions": positions,
                      "visual_tokens_kept": tokens.keep_count(loaded.anatomy.visual_tokens, ratio),
-                     "accuracy": result.accuracy, "n": result.n, "seconds": time.perf_counter() - start,
+                     "accuracy": result.accuracy, "n": result.n, "seconds": round(time.perf_counter() - start, 1),
                      **{f"acc_{k}": v for k, v in result.per_type.items()}})
-        print(f"  {precision:<5} {scorer:<9} keep {ratio:>6.1%}: {result.accuracy:.1%}", flush=True)
+        print(f"  {precision:<5} {scorer:<9} keep {ratio:>6.1%} {positions:<10}: {result.accuracy:.1%}", flush=True)
 
-    for precision in ("fp32", "W4A4"):
-        handle = quantize.fake_quantize(loaded.model, loaded.anatomy, 4, 4) if precision == "W4A4" else None
-        try:
-            record(precision, "dense", 1.0)
-            for scorer in SCORERS:
-                for ratio in RATIOS[1:]:
-                    record(precision, scorer, ratio, tokens.make_generate_fn(ratio, scorer, alpha=0.7, seed=0))
-        finally:
-            if handle is not None:
-                handle.remove()
+    record("fp32", "dense", 1.0, "-")
+    for scorer in ("semantic", "hybrid"):
+        record("fp32", scorer, 0.125, "original")
+    with quantize.fake_quantize(loaded.model, loaded.anatomy, 4, 4):
+        record("W4A4", "dense", 1.0, "-")
+        for scorer in SCORERS:
+            for ratio in RATIOS[1:]:
+                record("W4A4", scorer, ratio, "original")
+        for scorer in ("semantic", "hybrid"):
+            record("W4A4", scorer, 0.125, "contiguous")
     return rows, correct
 
 
@@ -135,7 +146,8 @@ def run_latency(loaded: models.LoadedModel, repeats: int, rounds: int) -> list[d
     sample = data.generate("test", 0)
     timings: dict[str, list[float]] = {}
     fns = {"dense (processor inputs, incl. vision tower)": None}
-    fns.update({f"keep {r:.1%}": tokens.make_inputs_fn(r, "hybrid" if r < 1 else "none") for r in RATIOS})
+    fns.update({f"keep {r:.1%}": tokens.make_inputs_fn(r, "hybrid" if r < 1 else "none", positions="original")
+                for r in RATIOS})
     for _ in range(rounds):  # rounds of every setting, so drift hits them all alike
         for name, fn in fns.items():
             lat = evaluate.latency({name: loaded.model}, loaded.processor, sample, repeats=repeats, warmup=1,
@@ -168,39 +180,41 @@ def run_latency(loaded: models.LoadedModel, repeats: int, rounds: int) -> list[d
 
 # ------------------------------------------------------------------------------------------ charts + summary
 
-def charts(accuracy_rows: list[dict], ranges: torch.Tensor, outlier_rows: list[dict]) -> None:
+def charts(accuracy_rows: list[dict], ranges: dict[str, torch.Tensor], outlier_rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, precision in zip(axes, ("W4A4", "fp32")):
-        dense = next(r["accuracy"] for r in accuracy_rows if r["precision"] == precision and r["scorer"] == "dense")
-        for scorer in SCORERS:
-            xs = [100.0] + [100 * r["keep_ratio"] for r in accuracy_rows
-                            if r["precision"] == precision and r["scorer"] == scorer]
-            ys = [100 * dense] + [100 * r["accuracy"] for r in accuracy_rows
-                                  if r["precision"] == precision and r["scorer"] == scorer]
-            ax.plot(xs, ys, marker="o", label=scorer)
-        fp = next(r["accuracy"] for r in accuracy_rows if r["precision"] == "fp32" and r["scorer"] == "dense")
-        ax.axhline(100 * fp, color="grey", ls="--", lw=1, label="full precision, all tokens")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([12.5, 25, 50, 100], ["12.5", "25", "50", "100"])
-        ax.set_xlabel("visual tokens kept (%)")
-        ax.set_title(f"{precision}: accuracy vs keep ratio (measured)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("exact-match accuracy (%)")
-    axes[1].legend(fontsize=8)
+    acc = {(r["precision"], r["scorer"], r["keep_ratio"], r["positions"]): 100 * r["accuracy"] for r in accuracy_rows}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for scorer in SCORERS:
+        xs = [100.0] + [100 * r for r in RATIOS[1:]]
+        ys = [acc[("W4A4", "dense", 1.0, "-")]] + [acc[("W4A4", scorer, r, "original")] for r in RATIOS[1:]]
+        ax.plot(xs, ys, marker="o", label=f"W4A4, {scorer}")
+    ax.axhline(acc[("fp32", "dense", 1.0, "-")], color="grey", ls="--", lw=1, label="fp32, all tokens")
+    ax.axhline(acc[("W4A4", "dense", 1.0, "-")], color="black", ls=":", lw=1, label="W4A4, all tokens")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([12.5, 25, 50, 100], ["12.5", "25", "50", "100"])
+    ax.set_xlabel("visual tokens kept (%)")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title("Visual-token pruning under simulated W4A4 (measured)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "tokens_accuracy.png", dpi=120)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    axes[0].hist(ranges.numpy(), bins=60, color="tab:blue")
+    every = torch.cat(list(ranges.values())).clamp(min=1e-6)
+    bins = torch.logspace(math.log10(every.min().item()), math.log10(every.max().item()), 60).numpy()
+    for label, values in ranges.items():
+        axes[0].hist(values.clamp(min=1e-6).numpy(), bins=bins, alpha=0.7, label=label)
+    axes[0].set_xscale("log")
     axes[0].set_xlabel("per-token range max_j v_ij - min_j v_ij")
-    axes[0].set_ylabel("visual tokens")
-    axes[0].set_title("projector output: per-token range (measured)")
+    axes[0].set_ylabel("tokens")
+    axes[0].set_title("entering the language model: per-token range (measured)")
+    axes[0].legend(fontsize=8)
     sites = [r for r in outlier_rows if r["tokens"] == "visual"]
     labels = [r["site"].replace(" input", "") for r in sites]
     axes[1].plot(labels, [r["peak_to_rms_max"] for r in sites], marker="o", label="visual: max peak/RMS")
@@ -223,11 +237,13 @@ def main() -> None:
     parser.add_argument("--model", default="reference")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--outlier-samples", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=3, help="answers are one word (one token) + </s>")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the project machine has 2 cores)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     loaded = models.load(args.model)
     print(f"model {loaded.name}: {loaded.anatomy.visual_tokens} visual tokens, hidden {loaded.anatomy.hidden_size}, "
@@ -236,11 +252,11 @@ def main() -> None:
     outlier_samples = data.load_split("test", args.outlier_samples, start=1000)
     outlier_rows = outlier_study(loaded, outlier_samples)
     write_csv(RESULTS / "tokens_outliers.csv", outlier_rows)
-    ranges = projector_ranges(loaded, outlier_samples)
+    ranges = input_ranges(loaded, outlier_samples)
 
     samples = data.load_split("test", args.samples)
     print(f"accuracy on {len(samples)} test questions:")
-    accuracy_rows, correct = run_accuracy(loaded, samples, args.batch_size)
+    accuracy_rows, correct = run_accuracy(loaded, samples, args.batch_size, args.max_new_tokens)
     write_csv(RESULTS / "tokens_accuracy.csv", accuracy_rows)
     print("prefill latency:")
     latency_rows = run_latency(loaded, args.repeats, args.rounds)
@@ -254,28 +270,38 @@ def main() -> None:
 
 
 def summarize(loaded, args, outlier_rows, accuracy_rows, correct, latency_rows) -> str:
-    acc = {(r["precision"], r["scorer"], r["keep_ratio"]): r["accuracy"] for r in accuracy_rows}
+    acc = {(r["precision"], r["scorer"], r["keep_ratio"], r["positions"]): r["accuracy"] for r in accuracy_rows}
     lines = [f"# Quantization-aware visual-token pruning on `{loaded.name}` (measured)", "",
              f"Command: `.venv/bin/python benchmarks/bench_tokens.py --model {args.model} --samples {args.samples}`  ",
              f"{len(next(iter(correct.values())))} ShapesVQA test questions, exact match, greedy. "
              f"{loaded.anatomy.visual_tokens} visual tokens per image. W4A4 = simulated: weights per-group-128 "
              "asymmetric min-max, activations per-token asymmetric min-max, every decoder linear layer. "
+             f"Greedy, at most {args.max_new_tokens} new tokens. "
              "Semantic = attention from the last text token at decoder layer 2 (FastV); "
              "hybrid = 0.7 semantic + 0.3 S^Q; outlier = S^Q only; random seed 0.", "",
-             "## Accuracy (%) vs visual tokens kept", "",
-             "| precision | scorer | 100 % | 50 % | 25 % | 12.5 % |", "| --- | --- | --- | --- | --- | --- |"]
-    for precision in ("fp32", "W4A4"):
-        dense = acc[(precision, "dense", 1.0)]
-        for scorer in SCORERS:
-            cells = [f"{100 * dense:.1f}"] + [f"{100 * acc[(precision, scorer, r)]:.1f}" for r in RATIOS[1:]]
-            lines.append(f"| {precision} | {scorer} | " + " | ".join(cells) + " |")
-    delta, se = paired_delta(correct[("W4A4", "hybrid", 0.125)], correct[("W4A4", "semantic", 0.125)])
-    fp_delta, fp_se = paired_delta(correct[("fp32", "hybrid", 0.125)], correct[("fp32", "semantic", 0.125)])
-    verdict = ("beats" if delta > 2 * se else "does not beat (within noise of)" if abs(delta) <= 2 * se else "loses to")
-    lines += ["", f"**Hybrid vs semantic at 12.5 % under W4A4: {delta:+.2f} points (paired SE {se:.2f}) - hybrid "
-              f"{verdict} semantic.** Paper (LLaVA-1.3-7B, ScienceQA): +2.24 (80.85 vs 78.61; dense W4A4 80.36, FP 89.60). "
-              f"Same comparison in full precision: {fp_delta:+.2f} (SE {fp_se:.2f}).",
-              f"Dense: full precision {100 * acc[('fp32', 'dense', 1.0)]:.1f} %, W4A4 {100 * acc[('W4A4', 'dense', 1.0)]:.1f} %.",
+             "## Accuracy (%) vs visual tokens kept (W4A4, original positions)", "",
+             "| scorer | 100 % | 50 % | 25 % | 12.5 % |", "| --- | --- | --- | --- | --- |"]
+    for scorer in SCORERS:
+        cells = [f"{100 * acc[('W4A4', 'dense', 1.0, '-')]:.1f}"]
+        cells += [f"{100 * acc[('W4A4', scorer, r, 'original')]:.1f}" for r in RATIOS[1:]]
+        lines.append(f"| {scorer} | " + " | ".join(cells) + " |")
+    key = lambda p, s, pos: correct[(p, s, 0.125, pos)]  # noqa: E731
+    comparisons = [("W4A4, original positions", "W4A4", "original"), ("W4A4, contiguous positions", "W4A4", "contiguous"),
+                   ("fp32, original positions", "fp32", "original")]
+    lines += ["", "Hybrid vs semantic at 12.5 % (paired over the same questions; SE from discordant pairs):", "",
+              "| setting | semantic % | hybrid % | hybrid - semantic (points) | paired SE |", "| --- | --- | --- | --- | --- |"]
+    deltas = {}
+    for label, precision, pos in comparisons:
+        delta, se = paired_delta(key(precision, "hybrid", pos), key(precision, "semantic", pos))
+        deltas[label] = (delta, se)
+        lines.append(f"| {label} | {100 * acc[(precision, 'semantic', 0.125, pos)]:.1f} | "
+                     f"{100 * acc[(precision, 'hybrid', 0.125, pos)]:.1f} | {delta:+.2f} | {se:.2f} |")
+    delta, se = deltas["W4A4, original positions"]
+    verdict = "beats" if delta > 2 * se else "does not beat (within two paired SE of)" if abs(delta) <= 2 * se else "loses to"
+    lines += ["", f"**Under W4A4 at 12.5 %, hybrid {verdict} semantic: {delta:+.2f} points (paired SE {se:.2f}).** "
+              "Paper (LLaVA-1.3-7B, ScienceQA): +2.24 (80.85 vs 78.61; dense W4A4 80.36, FP 89.60).",
+              f"Dense: fp32 {100 * acc[('fp32', 'dense', 1.0, '-')]:.1f} %, W4A4 {100 * acc[('W4A4', 'dense', 1.0, '-')]:.1f} %. "
+              "Positions: `original` keeps each kept token's dense position id (gaps), `contiguous` re-indexes.",
               "", "## Activation outliers (per-token range and peak/RMS, measured)", "",
               "| site | tokens | range median | range max / median | peak/RMS median | peak/RMS max | max abs |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

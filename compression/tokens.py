@@ -19,11 +19,16 @@ attention score is then read inside that same layer.
 Pruning at inference, without editing transformers: image features come from
 ``model.model.get_image_features``; the kept image tokens (in their original order) replace the
 ``<image>`` placeholders and the dropped placeholders are removed from the sequence and from the
-attention mask; ``model.generate(inputs_embeds=..., attention_mask=...)`` then runs. **Positions:**
-generate derives ``position_ids`` from the attention mask (cumulative sum), so after dropping, the
-remaining tokens are re-indexed contiguously (the text after the image moves closer to it); left
-padding stays left padding, so batches need no special care (every row has the same number of
-image tokens, so every row loses the same number of positions).
+attention mask; ``model.generate(inputs_embeds=..., attention_mask=...)`` then runs. Left padding stays
+left padding: every row has the same number of image tokens, so every row loses the same number of
+positions and the batch stays rectangular.
+
+**Positions** (``positions=``): ``"contiguous"`` (default) passes no ``position_ids``, so generate derives
+them from the attention mask (cumulative sum): the remaining tokens are re-indexed contiguously and the
+text after the image moves closer to it, as if the image had fewer patches. ``"original"`` passes each
+kept token's position in the dense sequence (gaps where tokens were dropped, as FastV keeps them);
+generate continues from the last one. A model that reads the patch layout from RoPE positions (the
+reference model does: its LLM sees no other 2-D position signal) loses much less with ``"original"``.
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ Scorer = Literal["none", "semantic", "outlier", "hybrid", "random"]
 SemanticSource = Literal["attention", "similarity"]
 SCORERS: tuple[str, ...] = ("none", "semantic", "outlier", "hybrid", "random")
 SEMANTIC_SOURCES: tuple[str, ...] = ("attention", "similarity")
+PositionMode = Literal["contiguous", "original"]
+POSITION_MODES: tuple[str, ...] = ("contiguous", "original")
 # The recipe (compression.recipe) names the semantic source and fuses through alpha: "attention" with
 # alpha < 1 is the QAPruner hybrid, with alpha = 1 pure FastV; "quantization" is S^Q alone.
 RECIPE_SCORERS: dict[str, tuple[str, str | None]] = {
@@ -295,6 +302,7 @@ class TokenPruningConfig:
     layer: int = FASTV_LAYER  # decoder layer whose attention is read; clipped to the model's last layer
     seed: int = 0  # for the random scorer
     group: int = 128  # channels per INT4 group in the quantization score
+    positions: PositionMode = "contiguous"  # position ids after dropping: re-indexed, or the dense ones kept
 
     def __post_init__(self) -> None:
         if self.scorer in RECIPE_SCORERS:
@@ -311,6 +319,8 @@ class TokenPruningConfig:
         if self.scorer == "none" and self.keep_ratio != 1.0:
             raise ValueError(f"keep_ratio {self.keep_ratio} needs a scorer (semantic, outlier, hybrid or random); "
                              "scorer 'none' keeps every visual token")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions {self.positions!r} is unknown; expected one of {', '.join(POSITION_MODES)}")
         _check_alpha(self.alpha)
         if self.layer < 0:
             raise ValueError(f"layer {self.layer} must be a decoder layer index >= 0")
@@ -321,9 +331,13 @@ class PrunedInputs:
     inputs_embeds: torch.Tensor  # [B, L - N + k, D]
     attention_mask: torch.Tensor  # [B, L - N + k]
     kept: torch.Tensor  # [B, k] indices (0..N-1) of the kept visual tokens, ascending
+    position_ids: torch.Tensor | None = None  # [B, L - N + k] when positions="original"
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
-        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
+        kwargs = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
+        if self.position_ids is not None:
+            kwargs["position_ids"] = self.position_ids
+        return kwargs
 
 
 def score_visual_tokens(model: nn.Module, merged: MergedInputs, config: TokenPruningConfig,
@@ -367,14 +381,19 @@ def prune_visual_tokens(model: nn.Module, inputs: dict[str, torch.Tensor], confi
     length = sequence_keep.shape[1] - (num_visual - keep)
     embeds = merged.inputs_embeds[sequence_keep].view(batch, length, -1)
     mask = merged.attention_mask[sequence_keep].view(batch, length)
-    return PrunedInputs(embeds, mask, kept)
+    position_ids = None
+    if config.positions == "original":
+        # the positions generate would give the dense sequence (left padding: cumulative sum of the mask)
+        dense = (merged.attention_mask.long().cumsum(-1) - 1).masked_fill(merged.attention_mask == 0, 0)
+        position_ids = dense[sequence_keep].view(batch, length)
+    return PrunedInputs(embeds, mask, kept, position_ids)
 
 
 def make_generate_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed: int = 0,
-                     semantic: SemanticSource = "attention", layer: int = FASTV_LAYER
-                     ) -> Callable[[nn.Module, dict, int], torch.Tensor]:
+                     semantic: SemanticSource = "attention", layer: int = FASTV_LAYER,
+                     positions: PositionMode = "contiguous") -> Callable[[nn.Module, dict, int], torch.Tensor]:
     """``generate_fn(model, inputs, max_new_tokens) -> new token ids`` for ``evaluate.accuracy(generate_fn=...)``."""
-    config = TokenPruningConfig(keep_ratio, scorer, alpha, semantic, layer, seed)
+    config = TokenPruningConfig(keep_ratio, scorer, alpha, semantic, layer, seed, positions=positions)
     generator = torch.Generator().manual_seed(seed)
 
     def generate_fn(model: nn.Module, inputs: dict, max_new_tokens: int) -> torch.Tensor:
@@ -386,14 +405,14 @@ def make_generate_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed
 
 
 def make_inputs_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed: int = 0,
-                   semantic: SemanticSource = "attention", layer: int = FASTV_LAYER
-                   ) -> Callable[[nn.Module, dict], dict]:
+                   semantic: SemanticSource = "attention", layer: int = FASTV_LAYER,
+                   positions: PositionMode = "contiguous") -> Callable[[nn.Module, dict], dict]:
     """``inputs_fn(model, processor_inputs) -> model kwargs`` for ``evaluate.latency(inputs_fn=...)``.
 
     The scoring itself runs inside ``inputs_fn``, outside the timed forward: latency then measures
     the language model on the pruned sequence only.
     """
-    config = TokenPruningConfig(keep_ratio, scorer, alpha, semantic, layer, seed)
+    config = TokenPruningConfig(keep_ratio, scorer, alpha, semantic, layer, seed, positions=positions)
     generator = torch.Generator().manual_seed(seed)
 
     def inputs_fn(model: nn.Module, inputs: dict) -> dict:

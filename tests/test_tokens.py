@@ -115,6 +115,26 @@ def test_pruning_keeps_exactly_k_tokens_in_order(llama_clip, batch, scorer):
         assert torch.equal(pruned.inputs_embeds[b, start + 2:], merged.inputs_embeds[b, start + n:])
 
 
+def test_original_positions_keep_the_dense_position_ids(llama_clip, batch):
+    model, processor, anatomy = llama_clip
+    images, questions = batch
+    inputs = evaluate.encode(processor, images, questions)
+    plain = evaluate.generate_answers(model, processor, images, questions)
+    assert evaluate.generate_answers(model, processor, images, questions,
+                                     generate_fn=tokens.make_generate_fn(1.0, "none", positions="original")) == plain
+    pruned = tokens.prune_visual_tokens(model, inputs, tokens.TokenPruningConfig(0.5, "random", positions="original"))
+    mask = inputs["attention_mask"]
+    dense = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    merged = tokens.merge_inputs(model, inputs)
+    for b in range(len(questions)):
+        start = int(merged.image_positions[b, 0])
+        assert pruned.position_ids[b, start:start + 2].tolist() == dense[b, start + pruned.kept[b]].tolist()
+        assert pruned.position_ids[b, -1] == dense[b, -1]  # the text after the image keeps its place
+    assert "position_ids" in pruned.model_kwargs()
+    assert "position_ids" not in tokens.prune_visual_tokens(model, inputs, tokens.TokenPruningConfig(0.5, "random")
+                                                            ).model_kwargs()
+
+
 def test_pruned_answer_path_on_siglip_and_latency_inputs(batch):
     model, processor, anatomy = tiny_llava("qwen2", "siglip")
     images, questions = batch
