@@ -6,7 +6,6 @@ same recipe as a background job. Both go through ``compression.pipeline.run_reci
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

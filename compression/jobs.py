@@ -319,16 +319,22 @@ def _alive(pid: int, job_id: str) -> bool:
 
 
 def _wait_gone(job_id: str, pid: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """Wait for the worker to exit after SIGTERM; SIGKILL it if it takes longer than ``timeout``."""
+    def gone() -> bool:
         child = _children.get(job_id)
-        if (child is not None and child.poll() is not None) or not _alive(pid, job_id):
-            return
-        time.sleep(0.05)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # ignored SIGTERM for too long
-    except (ProcessLookupError, PermissionError):
-        pass
+        return (child is not None and child.poll() is not None) or not _alive(pid, job_id)
+
+    for signal_after in (signal.SIGKILL, None):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if gone():
+                return
+            time.sleep(0.05)
+        if signal_after is not None:
+            try:
+                os.killpg(pid, signal_after)  # ignored SIGTERM for too long
+            except (ProcessLookupError, PermissionError):
+                return
 
 
 def _append_log(job_id: str, line: str) -> None:
