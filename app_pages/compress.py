@@ -11,6 +11,10 @@ from ui import advice, common, jobs_view
 common.page_header("Compress", "Prune → recover on a small data fraction → (optionally) quantize and prune "
                    "visual tokens → evaluate, as a background job. Leave the page; the job keeps running.")
 source = common.current_source()
+loaded = common.loaded_model()  # a bad source stops here with its one-line message
+if not loaded.has_weights:
+    st.info(f"`{source}` is config-only (no weights): a compression run needs weights. Pick the reference model, "
+            "a local folder or a finished run in the sidebar.")
 jobs = common.library("jobs", "submit", "list_jobs", "get", "cancel", "resume", "log_tail")
 
 # ------------------------------------------------------------------------------------------- the recipe form
@@ -58,7 +62,7 @@ with st.form(f"recipe_{tag}"):
         token_scorer = st.selectbox("Token scorer", TOKEN_SCORERS, index=TOKEN_SCORERS.index(v.scorer))
         alpha = st.slider("α (semantic vs quantization)", 0.0, 1.0, float(v.alpha), 0.05)
         eval_samples = st.number_input("Test questions", 1, 2000, int(prefill.eval_samples))
-    submitted = st.form_submit_button("Launch job", type="primary")
+    submitted = st.form_submit_button("Launch job", type="primary", disabled=not loaded.has_weights)
 
 if submitted:
     raw = {"name": name.strip() or None, "model": source,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import torch
 from streamlit.testing.v1 import AppTest
 
 from tests.tiny import save_tiny
@@ -13,6 +14,9 @@ from tests.tiny import save_tiny
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 TIMEOUT = 240  # generous: the suite shares 2 busy cores; these tests assert behaviour, not speed
+# One intra-op thread: on two cores shared with other processes, two spinning threads per process
+# made the tiny models' forward passes ~10x slower.
+torch.set_num_threads(1)
 
 
 def app(source: str, page: str | None = None, **state) -> AppTest:

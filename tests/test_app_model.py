@@ -1,14 +1,10 @@
 """AppTest of the entry point and the Model page: the picker, the architecture, the measured
 numbers, and one-line messages for bad model input (never a traceback)."""
-from pathlib import Path
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.app_support import APP, TIMEOUT
 from tests.tiny import save_tiny
-
-TIMEOUT = 240  # generous: the suite shares 2 busy cores; these tests assert behaviour, not speed
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def live_jobs(jobs: ModuleType) -> None:
                               format_func=lambda i: f"{i} ({states[i]})")
         if choice != current:
             select(choice)
-            st.rerun(scope="fragment")
+            st.rerun()
         detail(jobs, choice)
 
     poll()
@@ -88,13 +88,13 @@ def detail(jobs: ModuleType, job_id: str) -> None:
     if left.button("Cancel", key=f"cancel_{job_id}", disabled=state not in ("queued", "running")):
         try:
             jobs.cancel(job_id)
-            st.rerun(scope="fragment")
+            st.rerun()
         except ValueError as e:
             st.error(str(e).splitlines()[0])
     if right.button("Resume", key=f"resume_{job_id}", disabled=state not in ("failed", "cancelled")):
         try:
             jobs.resume(job_id)
-            st.rerun(scope="fragment")
+            st.rerun()
         except ValueError as e:
             st.error(str(e).splitlines()[0])
     st.code(jobs.log_tail(job_id, 30) or "(no log yet)", language="text")

@@ -1,0 +1,75 @@
+"""AppTest of the Compress page: the form prefilled from the advice, one-line recipe errors, a job
+launched in the background, listed, cancelled, resumable, and found again from the query string."""
+import pytest
+
+from tests.app_support import app, tiny_folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return tiny_folder(tmp_path_factory.mktemp("compress"))
+
+
+def widget(at, label: str):
+    return next(w for kind in ("selectbox", "slider", "number_input", "text_input")
+                for w in getattr(at, kind) if w.label == label)
+
+
+def test_form_is_prefilled_with_the_papers_advice_for_30_percent(tiny):
+    at = app(tiny, "compress")
+    assert not at.exception and not at.error
+    assert widget(at, "Method").value == "layer"
+    assert widget(at, "Fraction of the language model removed").value == 0.3
+    assert widget(at, "Train").value == "lora"
+    assert widget(at, "Distillation from the original").value == "hidden"
+    assert "No jobs yet" in " ".join(c.value for c in at.caption)
+
+
+def test_invalid_recipe_is_one_line(tiny):
+    at = app(tiny, "compress")
+    widget(at, "Train").set_value("none")  # distillation 'hidden' with nothing trained: refused by the recipe
+    at.button[0].click().run()
+    assert not at.exception
+    assert len(at.error) == 1
+    assert at.error[0].value.startswith("recipe field recovery.distillation: got 'hidden'")
+
+
+def test_launch_list_cancel_resume_and_reconnect(tiny):
+    from compression import jobs
+
+    at = app(tiny, "compress")
+    widget(at, "Run name (optional)").input("ui-test")
+    widget(at, "Train").set_value("projector")
+    widget(at, "Distillation from the original").set_value("none")
+    widget(at, "Max steps (0 = one full epoch)").set_value(1)
+    widget(at, "Test questions").set_value(2)
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    job_id = at.session_state["selected_job"]
+    assert job_id.startswith("ui-test-") and at.query_params["job"] == job_id
+    assert at.dataframe[0].value["job"].tolist() == [job_id]
+    assert jobs.get(job_id)["state"] in ("queued", "running", "succeeded")
+    cancel = next(b for b in at.button if b.label == "Cancel")
+    if not cancel.disabled:
+        cancel.click().run()
+        assert jobs.get(job_id)["state"] == "cancelled"
+        assert not next(b for b in at.button if b.label == "Resume").disabled
+    # a new tab (a fresh session) with ?job= in the address shows the same job
+    from streamlit.testing.v1 import AppTest
+
+    from tests.app_support import APP, TIMEOUT
+
+    fresh = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    fresh.query_params.update(model=tiny, job=job_id)
+    fresh.run()
+    fresh.switch_page("app_pages/compress.py").run()
+    assert fresh.session_state["selected_job"] == job_id
+    assert next(s for s in fresh.selectbox if s.label == "Job").value == job_id
+    assert jobs.get(job_id)["state"] in ("cancelled", "succeeded")
+
+
+def test_config_only_model_cannot_be_launched():
+    at = app("config:bunny-v1.0-3b", "compress")
+    assert not at.exception
+    assert any("config-only" in i.value for i in at.info)
+    assert at.button[0].disabled
