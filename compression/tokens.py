@@ -23,12 +23,12 @@ attention mask; ``model.generate(inputs_embeds=..., attention_mask=...)`` then r
 left padding: every row has the same number of image tokens, so every row loses the same number of
 positions and the batch stays rectangular.
 
-**Positions** (``positions=``): ``"contiguous"`` (default) passes no ``position_ids``, so generate derives
-them from the attention mask (cumulative sum): the remaining tokens are re-indexed contiguously and the
-text after the image moves closer to it, as if the image had fewer patches. ``"original"`` passes each
-kept token's position in the dense sequence (gaps where tokens were dropped, as FastV keeps them);
-generate continues from the last one. A model that reads the patch layout from RoPE positions (the
-reference model does: its LLM sees no other 2-D position signal) loses much less with ``"original"``.
+**Positions** (``positions=``): ``"original"`` (default) passes each kept token's position id from the
+dense sequence (gaps where tokens were dropped, as FastV keeps them), and generate continues from the
+last one. ``"contiguous"`` passes none, so generate derives them from the attention mask (cumulative
+sum): the remaining tokens are re-indexed contiguously and the text after the image moves closer to
+it, as if the image had fewer patches. The default is measured: the reference model reads the patch
+layout from RoPE positions, and re-indexing costs it far more accuracy (benchmarks/results/tokens.md).
 """
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ class TokenPruningConfig:
     layer: int = FASTV_LAYER  # decoder layer whose attention is read; clipped to the model's last layer
     seed: int = 0  # for the random scorer
     group: int = 128  # channels per INT4 group in the quantization score
-    positions: PositionMode = "contiguous"  # position ids after dropping: re-indexed, or the dense ones kept
+    positions: PositionMode = "original"  # position ids after dropping: the dense ones kept, or re-indexed
 
     def __post_init__(self) -> None:
         if self.scorer in RECIPE_SCORERS:
@@ -391,7 +391,7 @@ def prune_visual_tokens(model: nn.Module, inputs: dict[str, torch.Tensor], confi
 
 def make_generate_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed: int = 0,
                      semantic: SemanticSource = "attention", layer: int = FASTV_LAYER,
-                     positions: PositionMode = "contiguous") -> Callable[[nn.Module, dict, int], torch.Tensor]:
+                     positions: PositionMode = "original") -> Callable[[nn.Module, dict, int], torch.Tensor]:
     """``generate_fn(model, inputs, max_new_tokens) -> new token ids`` for ``evaluate.accuracy(generate_fn=...)``."""
     config = TokenPruningConfig(keep_ratio, scorer, alpha, semantic, layer, seed, positions=positions)
     generator = torch.Generator().manual_seed(seed)
@@ -406,7 +406,7 @@ def make_generate_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed
 
 def make_inputs_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed: int = 0,
                    semantic: SemanticSource = "attention", layer: int = FASTV_LAYER,
-                   positions: PositionMode = "contiguous") -> Callable[[nn.Module, dict], dict]:
+                   positions: PositionMode = "original") -> Callable[[nn.Module, dict], dict]:
     """``inputs_fn(model, processor_inputs) -> model kwargs`` for ``evaluate.latency(inputs_fn=...)``.
 
     The scoring itself runs inside ``inputs_fn``, outside the timed forward: latency then measures
