@@ -1,0 +1,193 @@
+"""End to end in a real browser: ``streamlit run app.py`` driven by headless Chromium (Playwright).
+
+Choose the reference model, view importance, launch a small compression job, wait for it, see it
+in Results, ask a question in Compare, export it. Screenshots of every step go to
+``test-artifacts/`` (git-ignored). Needs Debian's chromium at /usr/bin/chromium
+(``bash .ci/setup --browser``) and the shipped reference model.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+BUSY = ("() => !!document.querySelector('[data-testid=stStatusWidget]') || "
+        "!!document.querySelector('[data-testid=stSpinner]') || !!document.querySelector('[data-testid=stSkeleton]')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cache: Path, port: int) -> subprocess.Popen:
+    """``streamlit run app.py`` on ``port`` with its own runtime store; returns once /_stcore/health answers."""
+    env = dict(os.environ, COMPRESSION_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
+         "--server.address", "localhost", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.25)
+        if server.poll() is not None:
+            raise RuntimeError(f"streamlit exited: {server.stdout.read().decode()[-2000:]}")
+    stop_server(server)
+    raise RuntimeError("streamlit did not answer /_stcore/health within 120 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def settle(page, quiet_s: float = 1.0, timeout_s: float = 300) -> None:
+    """Wait until the app has finished running: no running indicator, spinner or stale skeleton for ``quiet_s``."""
+    deadline, quiet_since = time.time() + timeout_s, None
+    while time.time() < deadline:
+        if page.evaluate(BUSY):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.time()
+        elif time.time() - quiet_since >= quiet_s:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the app was still busy after {timeout_s} s")
+
+
+def open_page(page, title: str) -> None:
+    """Switch page with the sidebar navigation (client side, same session), wait for its title."""
+    page.locator("[data-testid=stSidebarNav]").get_by_text(title, exact=True).click()
+    page.locator("[data-testid=stMain] h1").filter(has_text=title).wait_for(timeout=120_000)
+
+
+def no_exception(page) -> None:
+    assert page.locator("[data-testid=stException]").count() == 0, page.locator("[data-testid=stException]").first.inner_text()
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the selectbox labelled ``label``."""
+    page.get_by_role("combobox", name=label, exact=True).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.get_by_role("combobox", name=label, exact=True).and_(page.locator(f"[value='{option}']")).wait_for()
+
+
+def fill_number(page, label: str, value) -> None:
+    field = page.locator("[data-testid=stNumberInput]").filter(has=page.get_by_text(label, exact=True)).locator("input")
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"chromium is missing at {CHROMIUM}; run `bash .ci/setup --browser`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def test_reference_model_from_importance_to_export(browser, reference_path, tmp_path):
+    cache = tmp_path / "cache"
+    server = start_server(cache, port := free_port())
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(120_000)
+
+        # 1. the Model page, with the reference model chosen in the sidebar
+        page.goto(f"http://localhost:{port}/", wait_until="commit")
+        page.locator("[data-testid=stMain] h1").filter(has_text="Model").wait_for()
+        page.locator("[data-testid=stSidebar]").get_by_text("Reference", exact=True).click()
+        settle(page)
+        assert "Using reference" in page.locator("[data-testid=stSidebar]").inner_text()
+        page.get_by_text("Model's answer:").wait_for()
+        no_exception(page)
+        shot(page, "01-model")
+
+        # 2. importance of layers, heads and neurons
+        open_page(page, "Importance")
+        settle(page)
+        page.get_by_text("removes layers").first.wait_for()
+        assert page.locator("[data-testid=stPlotlyChart]").count() == 3
+        no_exception(page)
+        shot(page, "02-importance")
+
+        # 3. a small job: layerwise 30 %, projector finetuning for 2 steps, 8 test questions
+        open_page(page, "Compress")
+        page.get_by_label("Run name (optional)").fill("e2e")
+        choose(page, "Train", "projector")
+        choose(page, "Distillation from the original", "none")
+        fill_number(page, "Data fraction", 0.01)
+        fill_number(page, "Max steps (0 = one full epoch)", 2)
+        fill_number(page, "Test questions", 8)
+        page.get_by_role("button", name="Launch job").click()
+        page.get_by_text("Finished: run").wait_for(timeout=600_000)  # the fragment polls every 2 s
+        assert "job=e2e-" in page.url  # a refresh or a new tab reconnects to it
+        job_id = page.url.split("job=")[1].split("&")[0]
+        no_exception(page)
+        shot(page, "03-compress")
+        runs = list((cache / "runs").iterdir())
+        assert [r.name for r in runs] == [job_id] and (runs[0] / "metrics.json").is_file()
+
+        # 4. the run against the original
+        open_page(page, "Results")
+        settle(page)
+        assert page.locator("[data-testid=stPlotlyChart]").count() == 4
+        page.get_by_role("button", name="Download as CSV").wait_for()
+        no_exception(page)
+        shot(page, "04-results")
+
+        # 5. the same question to both models
+        open_page(page, "Compare")
+        settle(page)
+        question = page.get_by_label("Question")
+        question.fill("how many shapes are there ?")
+        question.press("Enter")
+        settle(page)
+        assert page.get_by_text("Answer:").count() == 2
+        no_exception(page)
+        shot(page, "05-compare")
+
+        # 6. export as a Hugging Face folder
+        open_page(page, "Export")
+        page.get_by_role("button", name="Export", exact=True).click()
+        page.get_by_text("Exported to").wait_for(timeout=300_000)
+        settle(page)
+        assert (cache / "exports" / job_id / "model.safetensors").is_file()
+        page.get_by_text("Load it").wait_for()
+        no_exception(page)
+        shot(page, "06-export")
+    finally:
+        stop_server(server)
