@@ -63,7 +63,7 @@ def stop_server(server: subprocess.Popen) -> None:
             os.killpg(server.pid, signal.SIGKILL)
 
 
-def settle(page, quiet_s: float = 1.0, timeout_s: float = 300) -> None:
+def settle(page, quiet_s: float = 1.0, timeout_s: float = 900) -> None:
     """Wait until the app has finished running: no running indicator, spinner or stale skeleton for ``quiet_s``."""
     deadline, quiet_since = time.time() + timeout_s, None
     while time.time() < deadline:
