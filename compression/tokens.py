@@ -27,8 +27,9 @@ positions and the batch stays rectangular.
 dense sequence (gaps where tokens were dropped, as FastV keeps them), and generate continues from the
 last one. ``"contiguous"`` passes none, so generate derives them from the attention mask (cumulative
 sum): the remaining tokens are re-indexed contiguously and the text after the image moves closer to
-it, as if the image had fewer patches. The default is measured: the reference model reads the patch
-layout from RoPE positions, and re-indexing costs it far more accuracy (benchmarks/results/tokens.md).
+it, as if the image had fewer patches. Why the default: on an earlier reference checkpoint (60 questions,
+50 % kept) re-indexing cost 13-17 more points than original positions; on the shipped run at 12.5 % under
+W4A4 both gave 61.6 % (benchmarks/results/tokens.md), so it is never worse in what was measured.
 """
 from __future__ import annotations
 
