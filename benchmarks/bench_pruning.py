@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/bench_pruning.py                         # reference model, 500 test questions
     .venv/bin/python benchmarks/bench_pruning.py --model /tmp/ref_small --samples 64 --repeats 3   # quick CPU run
+    .venv/bin/python -u benchmarks/bench_pruning.py --threads 1 --repeats 5    # on a shared, busy machine
 
 For each fraction of language-model parameters (10/20/30/40/50 %):
 
 - layerwise: remove the layers with the lowest block influence (32 calibration samples);
 - widthwise: Taylor-scored heads and neurons, the paper's layer range (first 3 and the last layer
-  left whole); where that range cannot give the budget, also every layer (``width-all``);
+  left whole); where that range cannot give the budget, every layer instead (``width-all``);
 
 then zero-shot accuracy on the held-out test split (``compression.evaluate.accuracy``) and
 prefill latency of every pruned model interleaved with the original in one process
@@ -85,11 +86,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500, help="test questions for accuracy")
     parser.add_argument("--calibration", type=int, default=32, help="calibration samples for importance")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         print(json.dumps(memory_probe(args.model, args.calibration)))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     loaded = models.load(args.model)
@@ -111,6 +115,9 @@ def main() -> None:
     for name, layer_range in series:
         method = "layer" if name == "layer" else "width"
         for ratio in RATIOS:
+            if name == "width-all" and any(r["series"] == "width" and r["ratio_requested"] == ratio
+                                           and not r["infeasible"] for r in rows):
+                continue  # every-layer width only where the paper's range cannot give the budget
             try:
                 plan = prune.make_plan(loaded, method, ratio=ratio, scores=scores[method], layer_range=layer_range)
             except ValueError as e:
@@ -198,7 +205,8 @@ def _report(args, rows, base, original_ms, timings, memory, est, scoring_s, bi) 
     lines = [
         "# Pruning without recovery: layerwise vs widthwise (measured)",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_pruning.py --model {args.model} --samples {args.samples}`  ",
+        f"Command: `.venv/bin/python benchmarks/bench_pruning.py --model {args.model} --samples {args.samples} "
+        f"--repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else "") + "`  ",
         f"Model: `{args.model}`; {base.n} held-out test questions; importance on {args.calibration} calibration "
         f"samples (block influence; Taylor for heads and neurons; {scoring_s:.1f} s, cached). Latency: batch 1, "
         f"one image + question, medians of {args.repeats} interleaved repeats on this CPU "

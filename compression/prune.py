@@ -191,7 +191,7 @@ def _pick_heads(order: list[int], heads: int, kv_heads: int, config: tuple[int, 
     return sorted(heads_kept), kv_kept
 
 
-def _bytes_after(model: nn.Module, anatomy: Anatomy, total: int, heads, kv, inter) -> dict[str, int]:
+def _bytes_after(anatomy: Anatomy, total: int, heads, kv, inter) -> dict[str, int]:
     return bytes_by_dtype(total, _decoder_linear_weights(anatomy, heads, kv, inter))
 
 
@@ -252,7 +252,7 @@ def _choose(achieved: list[float], wanted: float, is_floor: bool) -> int | None:
     return int(np.argmin([abs(a - wanted) for a in achieved]))
 
 
-def _describe(ratio: float | None, target_mb: float | None, target_dtype: str = "fp32") -> str:
+def _describe(ratio: float | None, target_mb: float | None) -> str:
     return f"ratio {ratio:g}" if ratio is not None else f"target {target_mb:g} MB"
 
 
@@ -293,7 +293,7 @@ def _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_
     return Plan(method="layer", ratio_requested=ratio, ratio_achieved=cut / language, target_mb=target_mb,
                 layers_removed=removed, params_before=counts["total"], params_after=total,
                 language_params_before=language, language_params_after=language - cut,
-                bytes_after=_bytes_after(model, anatomy, total, heads, kv, inter),
+                bytes_after=_bytes_after(anatomy, total, heads, kv, inter),
                 widths_after={"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter},
                 scorer=scorer, layer_range=(start, stop),
                 notes=[f"removes {k} of {n} decoder layers; layer_idx renumbered for the KV cache"])
@@ -361,7 +361,7 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
     return Plan(method="width", ratio_requested=ratio, ratio_achieved=cut / language, target_mb=target_mb,
                 heads_kept=heads_kept, kv_heads_kept=kv_kept, neurons_kept=neurons_kept,
                 params_before=counts["total"], params_after=total, language_params_before=language,
-                language_params_after=language - cut, bytes_after=_bytes_after(model, anatomy, total, heads, kv, inter),
+                language_params_after=language - cut, bytes_after=_bytes_after(anatomy, total, heads, kv, inter),
                 widths_after={"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter},
                 scorer=scorer, layer_range=(start, stop), notes=notes)
 
