@@ -337,6 +337,10 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
         return LoadedModel(model, None, anatomy, name, kind, path, False,
                            hashlib.sha1(config_path.read_bytes()).hexdigest()[:16])
     model = _load_weights(config, path, device, dtype, trust_remote_code)
+    if getattr(config, "quantization_config", None):
+        from .quantize import prepare_bnb_for_cpu  # bitsandbytes' fast 4-bit CPU kernel needs aligned sizes
+
+        prepare_bnb_for_cpu(model)
     processor = load_processor(path, trust_remote_code)
     model.eval()
     return LoadedModel(model, processor, anatomy, name, kind, path, True, fingerprint_folder(path))
