@@ -58,9 +58,8 @@ def live_jobs(jobs: ModuleType) -> None:
         if current not in ids:
             current = ids[0]
             select(current)
-        states = dict(zip(frame["job"], frame["state"]))
-        choice = st.selectbox("Job", ids, index=ids.index(current), key=f"job_choice_{current}",
-                              format_func=lambda i: f"{i} ({states[i]})")
+        # the state is not in the option labels: a keyed selectbox keeps the labels it was first drawn with
+        choice = st.selectbox("Job", ids, index=ids.index(current), key=f"job_choice_{current}")
         if choice != current:
             select(choice)
             st.rerun()
