@@ -45,6 +45,8 @@ def resolve_run(run: str | Path) -> Path:
     """A run folder from its name (under ``cache_dir()/runs``) or its path; it must be complete."""
     text = str(run)
     path = Path(text).expanduser()
+    if ".." in path.parts:
+        raise ValueError(f"run {text!r} contains '..'; expected a run name or a run folder path")
     if not (os.sep in text or text.startswith((".", "~"))):
         path = cache_dir() / "runs" / sanitize_name(text)
     if not (path / "model" / "config.json").is_file() or not (path / "metrics.json").is_file():
