@@ -20,14 +20,14 @@ torch.set_num_threads(1)
 
 
 def app(source: str, page: str | None = None, **state) -> AppTest:
-    """The app with ``source`` chosen, run once, switched to ``app_pages/<page>.py`` and run again."""
+    """The app with ``source`` chosen, run once, switched to ``pages/<page>.py`` and run again."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.session_state["model_source"] = source
     for key, value in state.items():
         at.session_state[key] = value
     at.run()
     if page is not None:
-        at.switch_page(f"app_pages/{page}.py").run()
+        at.switch_page(f"pages/{page}.py").run()
     return at
 
 

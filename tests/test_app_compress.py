@@ -62,7 +62,7 @@ def test_launch_list_cancel_resume_and_reconnect(tiny):
     fresh = AppTest.from_file(APP, default_timeout=TIMEOUT)
     fresh.query_params.update(model=tiny, job=job_id)
     fresh.run()
-    fresh.switch_page("app_pages/compress.py").run()
+    fresh.switch_page("pages/compress.py").run()
     assert fresh.session_state["selected_job"] == job_id
     assert next(s for s in fresh.selectbox if s.label == "Job").value == job_id
     assert jobs.get(job_id)["state"] in ("cancelled", "succeeded")

@@ -79,7 +79,8 @@ def settle(page, quiet_s: float = 1.0, timeout_s: float = 900) -> None:
 
 def open_page(page, title: str) -> None:
     """Switch page with the sidebar navigation (client side, same session), wait for its title."""
-    page.locator("[data-testid=stSidebarNav]").get_by_text(title, exact=True).click()
+    page.locator("[data-testid=stSidebar] [data-testid=stPageLink-NavLink]").filter(
+        has=page.get_by_text(title, exact=True)).click()
     page.locator("[data-testid=stMain] h1").filter(has_text=title).wait_for(timeout=120_000)
 
 

@@ -179,6 +179,32 @@ def estimated(text: str = "") -> None:
     st.caption(f"**Estimated** (no model run){': ' + text if text else ''}")
 
 
+# The sidebar's page links; Streamlit's own list is hidden (client.showSidebarNavigation = false)
+# because in its multipage-folder mode it would label the entry page "app".
+PAGES = [
+    ("app.py", "Model", ":material/account_tree:"),
+    ("pages/budget.py", "Budget & what-if", ":material/tune:"),
+    ("pages/importance.py", "Importance", ":material/bar_chart:"),
+    ("pages/token_maps.py", "Token maps", ":material/grid_on:"),
+    ("pages/compress.py", "Compress", ":material/play_circle:"),
+    ("pages/results.py", "Results", ":material/monitoring:"),
+    ("pages/compare.py", "Compare", ":material/compare:"),
+    ("pages/export.py", "Export", ":material/download:"),
+]
+
+
 def page_header(title: str, purpose: str) -> None:
+    """Every page opens with this: page config, sidebar links and model picker, then its title.
+
+    Each page sets itself up, so a page opened directly (a bookmark, a refresh after a server
+    restart) is complete without the entry script having run.
+    """
+    st.set_page_config(page_title=f"{title} · MLLM Compression Studio", page_icon=":material/compress:",
+                       layout="wide")
+    with st.sidebar:
+        st.caption("MLLM Compression Studio")
+        for path, label, icon in PAGES:
+            st.page_link(path, label=label, icon=icon)
+    model_picker()
     st.title(title)
     st.caption(purpose)

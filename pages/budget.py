@@ -110,4 +110,4 @@ elif st.button("Prefill the Compress form with this advice", type="primary"):
     with common.shown_as_message():
         recipe = advice.recipe_for(common.current_source(), advised_ratio, suggestion)
     st.session_state["advised_recipe"] = recipe.to_yaml()
-    st.switch_page("app_pages/compress.py")
+    st.switch_page("pages/compress.py")
