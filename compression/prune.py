@@ -35,6 +35,7 @@ from torch import nn
 
 from .models import Anatomy, LoadedModel, anatomy_from_config, parameter_counts
 from .whatif import HARDWARE, bytes_by_dtype, what_if  # noqa: F401 - re-exported: prune.what_if
+from .whatif import _unpack
 
 NEURON_MULTIPLE = 32  # bitsandbytes nf4 on CPU asserts N % 32 == 0 (shared/NOTES-reference-model.md)
 PAPER_FIRST_LAYERS_KEPT = 3  # paper default: the first 3 decoder layers and the last one left whole
@@ -118,14 +119,6 @@ def _decoder_linear_weights(anatomy: Anatomy, heads: list[int], kv: list[int], i
 
 
 # ------------------------------------------------------------------------------------------------ planning
-
-def _unpack(source) -> tuple[nn.Module, Anatomy]:
-    if isinstance(source, LoadedModel):
-        return source.model, source.anatomy
-    if isinstance(source, tuple) and len(source) == 2:
-        return source
-    raise TypeError(f"expected a LoadedModel or (model, anatomy), got {type(source).__name__}")
-
 
 def default_layer_range(num_layers: int) -> tuple[int, int]:
     """The paper's widthwise range: first 3 layers and the last layer left whole."""
