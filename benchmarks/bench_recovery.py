@@ -233,8 +233,10 @@ def _kept(grid, method, ratio, name):
 
 def summarize(grid: pd.DataFrame, fracs: pd.DataFrame, base: float, n_eval: int, args, suffix: str) -> str:
     grid = grid.assign(budget=[f"{r:.0%} (achieved {a:.1%})" for r, a in zip(grid.ratio_requested, grid.ratio_achieved)])
+    # dropna=False keeps a recovery column even where every run of it failed; the rows of
+    # (method, budget) pairs that never ran (budgets differ per method) are dropped.
     table = 100 * grid.pivot_table(index=["method", "budget"], columns="recovery", values="kept", sort=False,
-                                   dropna=False)
+                                   dropna=False).dropna(how="all")
     times = grid[grid.recovery != "none"].pivot_table(index=["method", "budget"], columns="recovery",
                                                       values="recovery_s", sort=False)
     lines = [f"# Recovery after pruning (reference model, CPU, {args.threads} threads)", "",
