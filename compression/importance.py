@@ -223,25 +223,26 @@ class CoupledGroup:
     activation: torch.Tensor | None = None
 
 
-def _reduce(group: CoupledGroup, elementwise) -> torch.Tensor:
-    """Sum ``elementwise(tensor)`` over every slice of each unit (``elementwise`` of weight or bias)."""
-    u, size = group.units, group.unit_size
-    score = torch.zeros(u, dtype=torch.float64)
-    for lin in group.rows:
+def _row_sums(linears: list[nn.Linear], elementwise, units: int, size: int) -> torch.Tensor:
+    """``elementwise`` summed over the output rows (weight and bias) of each of ``units`` slices."""
+    total = torch.zeros(units, dtype=torch.float64)
+    for lin in linears:
         e = elementwise(lin.weight).sum(1)
         if lin.bias is not None:
             e = e + elementwise(lin.bias)
-        score += e.double().view(u, size).sum(1).cpu()
+        total += e.double().view(units, size).sum(1).cpu()
+    return total
+
+
+def _reduce(group: CoupledGroup, elementwise) -> torch.Tensor:
+    """Sum ``elementwise(tensor)`` over every slice of each unit (``elementwise`` of weight or bias)."""
+    u, size = group.units, group.unit_size
+    score = _row_sums(group.rows, elementwise, u, size)
     for lin in group.cols:
         score += elementwise(lin.weight).sum(0).double().view(u, size).sum(1).cpu()
     if group.shared_rows:
-        kv = group.units // group.group_size
-        shared = torch.zeros(kv, dtype=torch.float64)
-        for lin in group.shared_rows:
-            e = elementwise(lin.weight).sum(1)
-            if lin.bias is not None:
-                e = e + elementwise(lin.bias)
-            shared += e.double().view(kv, size).sum(1).cpu()
+        # a KV group's k/v rows are shared by its query heads: each head gets 1/G of them
+        shared = _row_sums(group.shared_rows, elementwise, group.units // group.group_size, size)
         score += (shared / group.group_size).repeat_interleave(group.group_size)
     return score
 
