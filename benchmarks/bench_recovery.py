@@ -239,6 +239,13 @@ def _kept(grid, method, ratio, name):
     return float(part.kept.iloc[0]) if len(part) else None
 
 
+def _head_to_head(grid, ratios, first: str, second: str) -> tuple[int, int]:
+    """Settings (method x ratio) where ``first`` keeps at least as much as ``second``, of those both ran."""
+    pairs = [(_kept(grid, m, r, first), _kept(grid, m, r, second)) for m in ("width", "layer") for r in sorted(ratios)]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    return sum(a >= b for a, b in pairs), len(pairs)
+
+
 def summarize(grid: pd.DataFrame, fracs: pd.DataFrame, base: float, n_eval: int, args, suffix: str) -> str:
     grid = grid.assign(budget=[f"{r:.0%} (achieved {a:.1%})" for r, a in zip(grid.ratio_requested, grid.ratio_achieved)])
     # dropna=False keeps a recovery column even where every run of it failed; the rows of
@@ -275,19 +282,13 @@ def summarize(grid: pd.DataFrame, fracs: pd.DataFrame, base: float, n_eval: int,
             checks.append((p >= best - 0.02, f"projector-only finetuning suffices at 15 % {m}wise "
                                              f"({p:.1%} vs best {best:.1%}, within 2 points)"))
     if "SFT + hidden KD" in set(grid.recovery) and "full SFT" in set(grid.recovery):
-        pairs = [(_kept(grid, m, r, "SFT + hidden KD"), _kept(grid, m, r, "full SFT"))
-                 for m in ("width", "layer") for r in sorted(ratios)]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-        wins, total = [p for p in pairs if p[0] >= p[1]], len(pairs)
-        checks.append((total and len(wins) > total / 2, f"hidden-state KD helps over plain SFT ({len(wins)}/{total} settings "
+        wins, total = _head_to_head(grid, ratios, "SFT + hidden KD", "full SFT")
+        checks.append((total and wins > total / 2, f"hidden-state KD helps over plain SFT ({wins}/{total} settings "
                                               "equal or better)"))
     if "SFT + logits KD" in set(grid.recovery) and "SFT + hidden KD" in set(grid.recovery):
-        pairs = [(_kept(grid, m, r, "SFT + hidden KD"), _kept(grid, m, r, "SFT + logits KD"))
-                 for m in ("width", "layer") for r in sorted(ratios)]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-        wins, total = [p for p in pairs if p[0] >= p[1]], len(pairs)
-        checks.append((total and len(wins) > total / 2, f"hidden-state KD beats logits KD (paper: L2 on hidden states is the "
-                                              f"best) ({len(wins)}/{total} settings)"))
+        wins, total = _head_to_head(grid, ratios, "SFT + hidden KD", "SFT + logits KD")
+        checks.append((total and wins > total / 2, f"hidden-state KD beats logits KD (paper: L2 on hidden states is the "
+                                              f"best) ({wins}/{total} settings)"))
     if 0.5 in ratios:
         rec = [n for n in grid.recovery.unique() if n != "none"]
         w = max(_kept(grid, "width", 0.5, n) or 0 for n in rec)
