@@ -84,27 +84,17 @@ def _register_core(sub) -> None:
     p.set_defaults(func=_cmd_models)
 
 
-# Other modules add subcommands here: each is a function taking the subparsers object.
-REGISTRARS: list[Callable] = [_register_core]
+def _registrars() -> list[Callable]:
+    # imported here: those modules import this one (UsageError, emit)
+    from . import cli_jobs, cli_prune
 
-
-def _optional_registrars() -> list[Callable]:
-    import importlib
-
-    found = []
-    for module in ("cli_prune", "cli_jobs", "cli_tokens"):
-        try:
-            found.append(importlib.import_module(f".{module}", __package__).register)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{module}":
-                raise
-    return found
+    return [_register_core, cli_prune.register, cli_jobs.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compression", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in REGISTRARS + _optional_registrars():
+    for register in _registrars():
         register(sub)
     for p in sub.choices.values():
         if not any(a.dest == "json" for a in p._actions):
