@@ -10,7 +10,8 @@ Pages are thin: each calls the library in ``compression/``.
 """
 import streamlit as st
 
-from compression import data, evaluate
+from compression.data import shapes as data
+from compression.measure import evaluate
 from compression.models import parameter_counts
 from ui import common, measure, views
 

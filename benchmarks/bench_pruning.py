@@ -10,10 +10,10 @@ For each fraction of language-model parameters (10/20/30/40/50 %):
 - widthwise: Taylor-scored heads and neurons, the paper's layer range (first 3 and the last layer
   left whole); where that range cannot give the budget, every layer instead (``width-all``);
 
-then zero-shot accuracy on the held-out test split (``compression.evaluate.accuracy``) and
+then zero-shot accuracy on the held-out test split (``compression.measure.evaluate.accuracy``) and
 prefill latency of every pruned model interleaved with the original in one process
-(``compression.evaluate.latency``), against the ideal speedup (FLOP ratio from
-``compression.whatif``). Peak memory of the Taylor pass is measured in a fresh process
+(``compression.measure.evaluate.latency``), against the ideal speedup (FLOP ratio from
+``compression.measure.whatif``). Peak memory of the Taylor pass is measured in a fresh process
 (``resource.getrusage`` max RSS) and extrapolated to LLaVA-1.5-7B.
 
 Writes benchmarks/results/pruning.csv, pruning.png and pruning.md; prints the summary.
@@ -35,7 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression import data, evaluate, importance, models, prune  # noqa: E402
+from compression.data import shapes as data  # noqa: E402
+from compression.measure import evaluate
+from compression.methods import importance
+from compression import models
+from compression.methods import prune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -243,7 +247,7 @@ def _report(args, rows, base, original_ms, timings, memory, est, scoring_s, bi) 
     at30 = [r for r in ok if abs(r["ratio_requested"] - 0.3) < 1e-9]
     lines += ["## Latency against the ideal", "",
               "Ideal speedup = prefill FLOPs of the original / of the pruned model (vision tower + projector + "
-              "language model, from `compression.whatif`). Goal: >= 0.9 x ideal at 30 %.", ""]
+              "language model, from `compression.measure.whatif`). Goal: >= 0.9 x ideal at 30 %.", ""]
     for r in at30:
         verdict = "meets" if r["speedup_vs_ideal"] >= 0.9 else "misses"
         lines.append(f"- {r['series']} 30 %: {r['speedup']:.2f}x measured vs {r['ideal_speedup']:.2f}x ideal = "

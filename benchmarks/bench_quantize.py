@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_quantize.py                    # reference model, 500 test questions
     .venv/bin/python benchmarks/bench_quantize.py --model /tmp/ref_small --samples 64 --repeats 3   # quick CPU run
 
-Real quantization (``compression.quantize.quantize_model``): decoder linear layers only; vision tower,
+Real quantization (``compression.methods.quantize.quantize_model``): decoder linear layers only; vision tower,
 projector, embeddings and lm_head stay fp32. Sizes: bytes of the tensors in memory and of the saved
 safetensors folder. Latency: ``evaluate.latency`` with the three models interleaved (batch 1, medians).
 Simulated rows (``fake_quantize``) give accuracy only: their weights are still fp32 in memory.
@@ -24,7 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression import data, evaluate, models, quantize  # noqa: E402
+from compression.data import shapes as data  # noqa: E402
+from compression.measure import evaluate
+from compression import models
+from compression.methods import quantize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

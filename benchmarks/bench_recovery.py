@@ -8,7 +8,7 @@ of the language model x {no recovery, projector-only, LoRA (+projector), full SF
 KD, SFT + logits KD}, each trained for one epoch on 5 % of the ShapesVQA train split (2,000
 questions); then the data fraction 1 / 5 / 25 / 100 % for the best recipe at 30 %. Reported:
 accuracy kept (compressed / original exact match on held-out test questions) and recovery wall
-time. The same library calls as a job (compression.prune, compression.recover, compression.evaluate).
+time. The same library calls as a job (compression.methods.prune, compression.methods.recover, compression.measure.evaluate).
 
 Writes benchmarks/results/recovery.csv, recovery_fractions.csv, recovery.png, recovery_fractions.png
 and recovery.md, and prints the summary.
@@ -28,7 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression import data, evaluate, importance, pipeline, prune, recover  # noqa: E402
+from compression.data import shapes as data  # noqa: E402
+from compression.measure import evaluate
+from compression.methods import importance
+from compression.runs import pipeline
+from compression.methods import prune
+from compression.methods import recover
 from compression.models import load  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

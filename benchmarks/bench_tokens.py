@@ -34,7 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression import data, evaluate, models, quantize, tokens  # noqa: E402
+from compression.data import shapes as data  # noqa: E402
+from compression.measure import evaluate
+from compression import models
+from compression.methods import quantize
+from compression.methods import tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (1.0, 0.5, 0.25, 0.125)

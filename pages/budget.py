@@ -3,13 +3,13 @@ paper's advice for this budget, data size and compute."""
 import streamlit as st
 
 from compression.models import parameter_counts
+from compression.methods import prune
 from ui import advice, budget, common, views
 
 common.page_header("Budget & what-if", "How much to remove, what layerwise and widthwise pruning would give, "
                    "and what the paper advises. Works with config-only models (no weights needed).")
 loaded = common.loaded_model()
 counts = parameter_counts(loaded.model, loaded.anatomy)
-prune = common.library("prune", "make_plan", "what_if")
 saved = budget.current()
 
 st.subheader("Budget")
@@ -35,14 +35,11 @@ with right:
     compute = st.radio("Compute for recovery", list(advice.COMPUTE_CHOICES),
                        index=list(advice.COMPUTE_CHOICES).index(saved.compute), key="budget_compute",
                        format_func=advice.COMPUTE_CHOICES.get)
-    profiles = ["cpu", *getattr(prune, "HARDWARE", {})]
+    profiles = ["cpu", *prune.HARDWARE]
     hardware = st.selectbox("Hardware profile for latency estimates", profiles,
                             index=profiles.index(saved.hardware) if saved.hardware in profiles else 0,
                             key="budget_hardware")
 
-if prune is None:
-    common.not_available("The what-if estimate", "prune")
-    st.stop()
 
 # --------------------------------------------------------------------------------------------- what-if
 plans, problems = {}, {}

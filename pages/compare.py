@@ -5,15 +5,12 @@ import hashlib
 import streamlit as st
 import torch
 
-from compression.evaluate import normalize_answer
+from compression.measure.evaluate import normalize_answer
+from compression.methods import tokens
+from compression.runs import jobs
 from ui import common, compare, inputs, views
 
 common.page_header("Compare", "Ask the original and a compressed run the same question about the same image.")
-jobs = common.library("jobs", "list_runs")
-tokens = common.library("tokens", "analyze_tokens")
-if jobs is None:
-    common.not_available("The list of finished runs", "jobs")
-    st.stop()
 runs = {r["name"]: r for r in jobs.list_runs()}
 if not runs:
     st.info("No finished runs yet: launch a job on the Compress page.")

@@ -5,7 +5,8 @@ import hashlib
 
 import streamlit as st
 
-from compression.recipe import LAYER_SCORERS, TOKEN_SCORERS, WIDTH_SCORERS, Recipe
+from compression.runs.recipe import LAYER_SCORERS, TOKEN_SCORERS, WIDTH_SCORERS, Recipe
+from compression.runs import jobs
 from ui import advice, common, jobs_view
 
 common.page_header("Compress", "Prune → recover on a small data fraction → (optionally) quantize and prune "
@@ -15,7 +16,6 @@ loaded = common.loaded_model()  # a bad source stops here with its one-line mess
 if not loaded.has_weights:
     st.info(f"`{source}` is config-only (no weights): a compression run needs weights. Pick the reference model, "
             "a local folder or a finished run in the sidebar.")
-jobs = common.library("jobs", "submit", "list_jobs", "get", "cancel", "resume", "log_tail")
 
 # ------------------------------------------------------------------------------------------- the recipe form
 prefill_yaml = st.session_state.get("advised_recipe")
@@ -76,21 +76,14 @@ if submitted:
            "eval_samples": int(eval_samples)}
     with common.shown_as_message():
         recipe = Recipe.from_dict(raw)
-    if jobs is None:
-        common.not_available("Launching jobs", "jobs")
-        st.code(recipe.to_yaml(), language="yaml")
-    else:
-        with common.shown_as_message():
-            job_id = jobs.submit(recipe)
-        jobs_view.select(job_id)
-        st.toast(f"Job {job_id} launched")
+    with common.shown_as_message():
+        job_id = jobs.submit(recipe)
+    jobs_view.select(job_id)
+    st.toast(f"Job {job_id} launched")
 
 with st.expander("Recipe as YAML (the same file `python -m compression run` takes)"):
     st.code(prefill.to_yaml(), language="yaml")
 
 # ------------------------------------------------------------------------------------------- live jobs
 st.subheader("Jobs")
-if jobs is None:
-    common.not_available("The job list", "jobs")
-else:
-    jobs_view.live_jobs(jobs)
+jobs_view.live_jobs(jobs)

@@ -3,15 +3,11 @@ a zip download when small, and the exact code that loads it."""
 import streamlit as st
 
 from compression.paths import cache_dir
+from compression.runs import export, jobs
 from ui import common, views
 
 common.page_header("Export", "A finished run as a self-contained Hugging Face folder (safetensors, config, processor, "
                    "recipe, metrics, model card), checked by reloading it in a fresh process.")
-jobs = common.library("jobs", "list_runs")
-export = common.library("export", "export_run", "zip_path_for", "sanitize_name")
-if jobs is None or export is None:
-    common.not_available("Export", "export" if export is None else "jobs")
-    st.stop()
 runs = [r["name"] for r in jobs.list_runs()]
 if not runs:
     st.info("No finished runs yet: launch a job on the Compress page.")

@@ -2,15 +2,11 @@
 budget would remove."""
 import streamlit as st
 
+from compression.methods import importance, prune
 from ui import budget, common, views
 
 common.page_header("Importance", "Block influence and single-layer removal loss per decoder layer; per-head and "
                    "per-neuron scores as layers × units heatmaps. Measured on ShapesVQA calibration samples.")
-importance = common.library("importance", "cached_importance", "LAYER_METHODS", "UNIT_METHODS")
-prune = common.library("prune", "make_plan")
-if importance is None:
-    common.not_available("Importance scoring", "importance")
-    st.stop()
 loaded = common.loaded_model(need_weights=True)
 saved = budget.current()
 

@@ -2,14 +2,12 @@
 front, per-question-type accuracy, the what-if estimate against the measurement, and a CSV."""
 import streamlit as st
 
+from compression.runs import jobs
+
 from ui import common, views
 
 common.page_header("Results", "Every finished run against the original it was compressed from. All numbers are "
                    "measured by the run's own evaluation unless a column says estimated.")
-jobs = common.library("jobs", "list_runs")
-if jobs is None:
-    common.not_available("The list of finished runs", "jobs")
-    st.stop()
 runs = jobs.list_runs()
 if not runs:
     st.info("No finished runs yet: launch a job on the Compress page.")

@@ -3,16 +3,14 @@ tokens survive a keep ratio under each scorer."""
 import hashlib
 
 import streamlit as st
+
+from compression.methods import tokens
 import torch
 
 from ui import common, inputs, views
 
 common.page_header("Token maps", "Outlier intensity, INT4 quantization error, semantic relevance and the QAPruner "
                    "hybrid score of every visual token, over the image.")
-tokens = common.library("tokens", "analyze_tokens", "keep_count", "select_tokens")
-if tokens is None:
-    common.not_available("Visual-token analysis", "tokens")
-    st.stop()
 loaded = common.loaded_model(need_weights=True)
 image, question, _ = inputs.image_and_question("tokens")
 

@@ -36,11 +36,12 @@ def tiny_folder(root: Path) -> str:
 
 
 def make_run(cache: Path, original: str, name: str, keep_ratio: float = 1.0) -> Path:
-    """``cache/runs/<name>``: the tiny model layer-pruned by ``compression.pipeline.run_recipe``."""
+    """``cache/runs/<name>``: the tiny model layer-pruned by ``compression.runs.pipeline.run_recipe``."""
     import pytest
 
-    from compression import evaluate, pipeline
-    from compression.recipe import Recipe
+    from compression.measure import evaluate
+    from compression.runs import pipeline
+    from compression.runs.recipe import Recipe
 
     recipe = Recipe.from_dict({"name": name, "model": original, "prune": {"method": "layer", "ratio": 0.3},
                                "visual_tokens": {"keep_ratio": keep_ratio, "scorer": "attention"},

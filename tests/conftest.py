@@ -18,7 +18,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def reference_path():
-    from compression.reference import REFERENCE_PATH
+    from compression.models.reference import REFERENCE_PATH
 
     if not (REFERENCE_PATH / "model.safetensors").is_file():
         pytest.fail(f"the shipped reference model is missing at {REFERENCE_PATH}")

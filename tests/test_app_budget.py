@@ -21,7 +21,8 @@ def test_both_paradigms_are_estimated_side_by_side(tiny):
     assert len(params) == 2  # layerwise and widthwise
     for _, delta in params:
         assert float(delta.rstrip("%")) < 0  # both remove parameters
-    from compression import models, prune
+    from compression import models
+    from compression.methods import prune
 
     loaded = models.load(tiny)
     plan = prune.make_plan(loaded, "layer", ratio=0.3)
@@ -45,7 +46,7 @@ def test_prefill_button_carries_the_advice_to_the_compress_form(tiny):
     button.click().run()
     assert not at.exception
     assert at.title[0].value == "Compress"
-    from compression.recipe import Recipe
+    from compression.runs.recipe import Recipe
 
     recipe = Recipe.from_yaml(at.session_state["advised_recipe"])
     assert (recipe.prune.method, recipe.prune.ratio, recipe.recovery.distillation) == ("layer", 0.25, "hidden")

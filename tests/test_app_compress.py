@@ -35,7 +35,7 @@ def test_invalid_recipe_is_one_line(tiny):
 
 
 def test_launch_list_cancel_resume_and_reconnect(tiny):
-    from compression import jobs
+    from compression.runs import jobs
 
     at = app(tiny, "compress")
     widget(at, "Run name (optional)").input("ui-test")

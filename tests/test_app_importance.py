@@ -1,4 +1,4 @@
-"""AppTest of the Importance page: scores from compression.importance, the budget's removals marked."""
+"""AppTest of the Importance page: scores from compression.methods.importance, the budget's removals marked."""
 import pytest
 
 from tests.app_support import app, tiny_folder
@@ -14,7 +14,9 @@ def test_layer_and_unit_importance_with_the_budget_marked(tiny):
     assert not at.exception and not at.error and not at.warning
     charts = at.get("plotly_chart")
     assert len(charts) == 3  # layers, heads, neurons
-    from compression import importance, models, prune
+    from compression.methods import importance
+    from compression import models
+    from compression.methods import prune
 
     loaded = models.load(tiny)
     layers = importance.cached_importance(loaded, "layers", "block_influence", 8)  # read back from the page's store

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from compression.cli import main
+from compression.cli.main import main
 from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compression import data
+from compression.data import shapes as data
 
 
 def test_same_arguments_give_the_same_sample():

@@ -1,7 +1,9 @@
 """The one evaluation path: exact match, per-type figures, sizes, interleaved latency."""
 import torch
 
-from compression import data, evaluate, models
+from compression.data import shapes as data
+from compression.measure import evaluate
+from compression import models
 from tests.tiny import save_tiny, tiny_llava
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compression import export, pipeline
-from compression.recipe import Recipe
+from compression.runs import export
+from compression.runs import pipeline
+from compression.runs.recipe import Recipe
 from tests.tiny import save_tiny
 
 
@@ -107,7 +108,7 @@ def test_destinations_and_runs_resolve_safely(runs, tmp_path):
 
 
 def test_cli_export_json(runs, tmp_path, capsys):
-    from compression import cli
+    from compression.cli import main as cli
 
     assert cli.main(["export", str(runs["uniform"]), "--to", str(tmp_path / "cli-export"), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)

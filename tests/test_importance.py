@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression import importance, models
-from compression.importance import (SCORERS, cached_importance, calibration_batches, calibration_samples,
+from compression.methods import importance
+from compression import models
+from compression.methods.importance import (SCORERS, cached_importance, calibration_batches, calibration_samples,
                                     coupled_groups, layer_importance, unit_importance)
 from tests.tiny import tiny_llava
 
@@ -157,7 +158,7 @@ def test_cached_importance_is_stored_and_reused(monkeypatch):
 
 
 def test_cli_analyze(tmp_path, capsys):
-    from compression import cli
+    from compression.cli import main as cli
     from tests.tiny import save_tiny
 
     folder = save_tiny(tmp_path / "m", "phi", "clip", num_key_value_heads=4)

@@ -13,8 +13,10 @@ import pytest
 import torch
 import yaml
 
-from compression import cli, jobs, pipeline
-from compression.recipe import Recipe
+from compression.cli import main as cli
+from compression.runs import jobs
+from compression.runs import pipeline
+from compression.runs.recipe import Recipe
 from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,8 +6,9 @@ import json
 import pandas as pd
 import pytest
 
-from compression import models, whatif
-from compression.prune import Plan, head_configurations, make_plan, what_if
+from compression import models
+from compression.measure import whatif
+from compression.methods.prune import Plan, head_configurations, make_plan, what_if
 from tests.tiny import tiny_config
 
 
@@ -132,7 +133,7 @@ def test_cpu_profile_is_measured_once_and_cached(monkeypatch):
 
 
 def test_cli_plan_on_a_config_only_model(capsys):
-    from compression import cli
+    from compression.cli import main as cli
 
     assert cli.main(["plan", "--model", "config:llava-1.5-7b", "--method", "width", "--ratio", "0.3",
                      "--hardware", "h100", "--json"]) == 0

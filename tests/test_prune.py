@@ -9,10 +9,11 @@ import textwrap
 import pytest
 import torch
 
-from compression import data, models
-from compression.evaluate import encode
-from compression.prune import apply_plan, load_plan, make_plan, save_pruned
-from compression.pruned_modeling import LlavaPrunedForConditionalGeneration
+from compression.data import shapes as data
+from compression import models
+from compression.measure.evaluate import encode
+from compression.methods.prune import apply_plan, load_plan, make_plan, save_pruned
+from compression.models.pruned import LlavaPrunedForConditionalGeneration
 from tests.tiny import LANGUAGES, VISIONS, tiny_llava
 
 
@@ -192,7 +193,7 @@ def test_pruned_folder_loads_through_compression_models(tmp_path):
 
 
 def test_cli_prune_writes_a_loadable_folder_and_rejects_bad_input(tmp_path, capsys):
-    from compression import cli
+    from compression.cli import main as cli
     from tests.tiny import save_tiny
 
     source = save_tiny(tmp_path / "src", "llama", "clip", num_key_value_heads=2, layers=4)

@@ -4,7 +4,10 @@ import json
 import pytest
 import torch
 
-from compression import data, evaluate, models, quantize
+from compression.data import shapes as data
+from compression.measure import evaluate
+from compression import models
+from compression.methods import quantize
 from tests.tiny import tiny_llava
 
 QUESTIONS = ["how many red shapes are there ?", "what color is the circle ?", "is there a red square ?"]

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from compression.recipe import LAYER_SCORERS, WIDTH_SCORERS, Recipe, RecipeError
+from compression.runs.recipe import LAYER_SCORERS, WIDTH_SCORERS, Recipe, RecipeError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -69,7 +69,7 @@ def test_yaml_round_trip_is_exact():
 
 
 def test_scorer_names_match_the_importance_module():
-    from compression import importance
+    from compression.methods import importance
 
     assert set(LAYER_SCORERS) == set(importance.LAYER_METHODS)
     assert set(WIDTH_SCORERS) == set(importance.UNIT_METHODS)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression import data, recover
+from compression.data import shapes as data
+from compression.methods import recover
 from tests.tiny import tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +178,8 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     torch.set_num_threads(1)
     from accelerate import Accelerator
-    from compression import data, recover
+    from compression.data import shapes as data
+    from compression.methods import recover
     from tests.tiny import tiny_llava
     out = sys.argv[1]
     model, processor, anatomy = tiny_llava(seed=0)

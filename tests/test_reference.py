@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from compression import data, evaluate, models
-from compression.reference import REFERENCE_PATH
+from compression.data import shapes as data
+from compression.measure import evaluate
+from compression import models
+from compression.models.reference import REFERENCE_PATH
 
 N_TEST = 1000
 
@@ -36,7 +38,9 @@ def test_shipped_folder_is_small_and_documented():
     weights = REFERENCE_PATH / "model.safetensors"
     assert weights.stat().st_size <= 30 * 2**20
     log = json.loads((REFERENCE_PATH / "training_log.json").read_text())
-    assert log["command"].startswith("python -m compression.reference") and log["seconds"] > 0
+    # the shipped run was trained before the module moved to compression/models/ (same code)
+    assert log["command"].startswith(("python -m compression.models.reference", "python -m compression.reference"))
+    assert log["seconds"] > 0
     config = json.loads((REFERENCE_PATH / "config.json").read_text())
     text = config["text_config"]
     assert text["num_key_value_heads"] < text["num_attention_heads"]  # GQA, so GQA-aware pruning is exercised

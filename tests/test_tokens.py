@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from compression import data, evaluate, tokens
+from compression.data import shapes as data
+from compression.measure import evaluate
+from compression.methods import tokens
 from compression.models import LoadedModel
 from tests.tiny import tiny_llava
 
@@ -181,7 +183,8 @@ def test_analyze_tokens_grids(vision, batch):
 
 
 def test_pruning_works_on_a_pruned_exported_model(batch, tmp_path):
-    from compression import models, prune
+    from compression import models
+    from compression.methods import prune
 
     model, processor, anatomy = tiny_llava("llama", "clip", layers=4)
     plan = prune.make_plan((model, anatomy), "width", 0.2, layer_range=(1, 3))

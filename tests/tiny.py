@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from compression import models, reference
+from compression import models
+from compression.models import reference
 
 LANGUAGES = ("llama", "mistral", "qwen2", "phi", "gemma")
 VISIONS = ("clip", "siglip")

@@ -8,7 +8,7 @@ Huang et al., "Investigating Structural Pruning and Recovery Techniques for Comp
 - 15-30 % -> layerwise + SFT with hidden-state L2 distillation ("SFT + L2 KD");
 - beyond 30 % (the paper measures 45 % and 60 %) -> widthwise + SFT + L2 KD, with more data.
 
-``recipe_for`` turns the advice into a :class:`compression.recipe.Recipe` to prefill the
+``recipe_for`` turns the advice into a :class:`compression.runs.recipe.Recipe` to prefill the
 Compress form. No streamlit here.
 """
 from __future__ import annotations
@@ -74,8 +74,8 @@ def decision_flow(ratio: float, data_fraction: float = 0.05, compute: Compute = 
 
 
 def recipe_for(source: str, ratio: float, advice: Advice, eval_samples: int = 200):
-    """A :class:`compression.recipe.Recipe` that follows the advice (validated by the recipe itself)."""
-    from compression.recipe import Recipe
+    """A :class:`compression.runs.recipe.Recipe` that follows the advice (validated by the recipe itself)."""
+    from compression.runs.recipe import Recipe
 
     return Recipe.from_dict({
         "model": source,

@@ -8,10 +8,8 @@ refresh keeps it.
 """
 from __future__ import annotations
 
-import importlib
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Iterator
 
 import streamlit as st
@@ -154,21 +152,6 @@ def shown_as_message() -> Iterator[None]:
     except (ValueError, FileNotFoundError, KeyError) as e:
         st.error(one_line(e))
         st.stop()
-
-
-def library(module: str, *names: str) -> ModuleType | None:
-    """``compression.<module>`` if it exists and has ``names``; else None (the page says so)."""
-    try:
-        found = importlib.import_module(f"compression.{module}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("compression"):
-            return None
-        raise
-    return found if all(hasattr(found, n) for n in names) else None
-
-
-def not_available(what: str, module: str) -> None:
-    st.info(f"{what} is not available yet: `compression.{module}` has not landed in the library.")
 
 
 def measured(text: str = "") -> None:

@@ -1,7 +1,7 @@
 """Side-by-side answers for the Compare page: the original and a compressed run answer the same
 image and question, timed interleaved (A, B, A, B …, medians after a warm-up) so that the ratio
-of their latencies is not skewed by the machine's drift (as ``compression.evaluate.latency``).
-A run that prunes visual tokens answers through ``compression.tokens.make_generate_fn``. No streamlit."""
+of their latencies is not skewed by the machine's drift (as ``compression.measure.evaluate.latency``).
+A run that prunes visual tokens answers through ``compression.methods.tokens.make_generate_fn``. No streamlit."""
 from __future__ import annotations
 
 import statistics
@@ -10,7 +10,7 @@ from typing import Callable
 
 from PIL import Image
 
-from compression import evaluate
+from compression.measure import evaluate
 from compression.models import LoadedModel
 
 
@@ -19,7 +19,7 @@ def generate_fn_for(recipe: dict) -> Callable | None:
     spec = recipe.get("visual_tokens") or {}
     if spec.get("keep_ratio", 1.0) >= 1.0:
         return None
-    from compression import tokens
+    from compression.methods import tokens
 
     return tokens.make_generate_fn(spec["keep_ratio"], spec.get("scorer", "attention"), spec.get("alpha", 0.7),
                                    seed=(recipe.get("recovery") or {}).get("seed", 0))
@@ -52,7 +52,7 @@ def score_grid(scores: dict, recipe: dict) -> tuple[list[list[float]], str]:
     if scorer == "similarity":
         import torch
 
-        from compression import tokens
+        from compression.methods import tokens
 
         sem = torch.tensor(scores["semantic_similarity"])
         fused = tokens.hybrid_score(sem.flatten()[None], torch.tensor(scores["quant_score"]).flatten()[None], alpha)

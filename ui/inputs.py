@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 from PIL import Image
 
-from compression import data
+from compression.data import shapes as data
 from ui import common
 
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]

@@ -1,6 +1,6 @@
 """The live job list of the Compress page: polled with ``st.fragment(run_every=…)`` so only this
 part of the page reruns; the selected job is mirrored in the query string (``?job=…``) so that a
-refresh or a second tab reconnects to it. Jobs are rows of ``compression.jobs`` (dicts)."""
+refresh or a second tab reconnects to it. Jobs are rows of ``compression.runs.jobs`` (dicts)."""
 from __future__ import annotations
 
 from types import ModuleType

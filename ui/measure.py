@@ -12,12 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from compression import data, evaluate
+from compression.data import shapes as data
+from compression.measure import evaluate
 from compression.models import LoadedModel
 from compression.paths import cache_dir
 
 
-LATENCY_REPEATS = 9  # medians over this many timed runs after the warm-up (compression.evaluate's default)
+LATENCY_REPEATS = 9  # medians over this many timed runs after the warm-up (compression.measure.evaluate's default)
 LATENCY_WARMUP = 2
 
 
@@ -37,7 +38,7 @@ def cached_evaluation(loaded: LoadedModel, samples: int) -> dict | None:
 
 
 def measure(loaded: LoadedModel, samples: int) -> dict:
-    """Accuracy (``samples`` test questions), sizes and latency through ``compression.evaluate``; stored."""
+    """Accuracy (``samples`` test questions), sizes and latency through ``compression.measure.evaluate``; stored."""
     if samples < 1:
         raise ValueError(f"samples {samples} must be at least 1")
     report = evaluate.evaluate(loaded, data.load_split("test", samples), measure_latency=False).to_dict()

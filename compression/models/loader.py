@@ -27,12 +27,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .paths import cache_dir
-from .reference import REFERENCE_PATH
+from compression.paths import cache_dir
+from compression.models.reference import REFERENCE_PATH
 
 SUPPORTED_LANGUAGE = ("llama", "mistral", "qwen2", "phi", "gemma")
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
-CONFIGS_PATH = Path(__file__).parent / "assets" / "configs"
+CONFIGS_PATH = Path(__file__).resolve().parent.parent / "assets" / "configs"
 SourceKind = Literal["reference", "local", "hub", "config"]
 
 # Projection names per language backbone: attention q/k/v/o, MLP (gate, up, down); gate None = ungated.
@@ -145,7 +145,7 @@ class LoadedModel:
 
 def _widths(text_config) -> tuple[list[int], list[int], list[int]]:
     n = text_config.num_hidden_layers
-    pruned = getattr(text_config, "pruned_widths", None)  # written by compression.prune for non-uniform widths
+    pruned = getattr(text_config, "pruned_widths", None)  # written by compression.methods.prune for non-uniform widths
     if pruned:
         return list(pruned["num_attention_heads"]), list(pruned["num_key_value_heads"]), list(pruned["intermediate_size"])
     heads = text_config.num_attention_heads
@@ -247,7 +247,7 @@ def _read_config(path: Path):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ModelLoadError(f"{path} has no 'model_type'; expected a Hugging Face config.json")
     if raw["model_type"] == "llava_pruned":
-        from .pruned_modeling import LlavaPrunedConfig  # the project's own class: no remote code needed
+        from compression.models.pruned import LlavaPrunedConfig  # the project's own class: no remote code needed
 
         return LlavaPrunedConfig.from_dict(raw)
     if raw["model_type"] != "llava":
@@ -258,7 +258,7 @@ def _read_config(path: Path):
 
 def _model_class(config):
     if config.model_type == "llava_pruned":
-        from .pruned_modeling import LlavaPrunedForConditionalGeneration
+        from compression.models.pruned import LlavaPrunedForConditionalGeneration
 
         return LlavaPrunedForConditionalGeneration
     from transformers import LlavaForConditionalGeneration
@@ -319,7 +319,7 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
     """Load a model, its processor and its anatomy from any supported source.
 
     ``trust_remote_code`` is passed to transformers only when the caller asks for it; folders
-    written by ``compression.prune`` load through this package's own classes without it.
+    written by ``compression.methods.prune`` load through this package's own classes without it.
     """
     kind, name, path = _resolve(source.strip())
     if kind == "hub":
@@ -328,7 +328,7 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
     if not config_path.is_file():
         if kind == "reference":
             raise ModelLoadError(f"the reference model is missing at {path}; train it with "
-                                 "`python -m compression.reference`")
+                                 "`python -m compression.models.reference`")
         raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face model folder")
     config = _read_config(config_path)
     anatomy = anatomy_from_config(config)
@@ -338,7 +338,7 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
                            hashlib.sha1(config_path.read_bytes()).hexdigest()[:16])
     model = _load_weights(config, path, device, dtype, trust_remote_code)
     if getattr(config, "quantization_config", None):
-        from .quantize import prepare_bnb_for_cpu  # bitsandbytes' fast 4-bit CPU kernel needs aligned sizes
+        from compression.models.bnb_cpu import prepare_bnb_for_cpu  # bitsandbytes' fast 4-bit CPU kernel needs aligned sizes
 
         prepare_bnb_for_cpu(model)
     processor = load_processor(path, trust_remote_code)

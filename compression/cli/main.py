@@ -6,23 +6,15 @@ on stderr and exits with code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Callable
 
-from . import data
-
-
-class UsageError(ValueError):
-    """Bad input from the command line."""
-
-
-def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
-    print(json.dumps(payload, indent=1, default=str) if getattr(args, "json", False) else text)
+from compression.cli.common import UsageError, emit
+from compression.data import shapes as data
 
 
 def _load(source: str, **kwargs):
-    from .models import load
+    from compression.models import load
 
     return load(source, **kwargs)
 
@@ -30,7 +22,7 @@ def _load(source: str, **kwargs):
 # ------------------------------------------------------------------------------------------ eval / ask / models
 
 def _cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from compression.measure.evaluate import evaluate
 
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples} must be at least 1")
@@ -48,7 +40,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_ask(args) -> int:
-    from .evaluate import ask
+    from compression.measure.evaluate import ask
 
     if not args.question.strip():
         raise UsageError("--question is empty; expected a question about the image")
@@ -62,7 +54,7 @@ def _cmd_ask(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from .models import available_models
+    from compression.models import available_models
 
     rows = available_models()
     emit(args, {"models": rows}, "\n".join(f"{r['name']:<28} {r['kind']:<10} {r['path']}" for r in rows))
@@ -85,8 +77,8 @@ def _register_core(sub) -> None:
 
 
 def _registrars() -> list[Callable]:
-    # imported here: those modules import this one (UsageError, emit)
-    from . import cli_jobs, cli_prune
+    from compression.cli import runs as cli_jobs
+    from compression.cli import prune as cli_prune
 
     return [_register_core, cli_prune.register, cli_jobs.register]
 
@@ -103,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataFormatError
-    from .models import ModelLoadError
+    from compression.data.shapes import DataFormatError
+    from compression.models import ModelLoadError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Configuration of a LLaVA model whose decoder layers have their own widths (structurally pruned).
 
-Self-contained (imports only transformers): ``compression.prune.save_pruned`` ships this file in
+Self-contained (imports only transformers): ``compression.methods.prune.save_pruned`` ships this file in
 the model folder, so ``from_pretrained(folder, trust_remote_code=True)`` needs no project import.
 
 The text config keeps the unpruned ``num_attention_heads`` / ``num_key_value_heads`` /

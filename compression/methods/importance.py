@@ -26,7 +26,7 @@ call signature, ``scorer(group) -> 1-D tensor`` of one score per unit:
 GQA: a KV head is shared by the ``G`` query heads of its group and goes only with all of them,
 so each query head is scored with its own q rows and o columns **plus 1/G of its KV group's k and
 v rows**: the sum over a group's query heads is the importance of the whole KV group
-(``compression.prune`` ranks KV groups by that sum, then query heads inside kept groups).
+(``compression.methods.prune`` ranks KV groups by that sum, then query heads inside kept groups).
 
 Results are pandas DataFrames; ``cached_importance`` stores them under
 ``cache_dir()/importance/<fingerprint>-<data>-<kind>-<method>-<n>.csv`` (CSV: no parquet engine
@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data
-from .models import Anatomy, LoadedModel
-from .paths import cache_dir
+from compression.data import shapes as data
+from compression.models import Anatomy, LoadedModel
+from compression.paths import cache_dir
 
 LayerMethod = Literal["block_influence", "removal_loss"]
 UnitKind = Literal["heads", "neurons"]

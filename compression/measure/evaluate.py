@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import data
-from .models import LoadedModel, parameter_counts, tensor_bytes
+from compression.data import shapes as data
+from compression.models import LoadedModel, parameter_counts, tensor_bytes
 
 
 def normalize_answer(text: str) -> str:

@@ -33,9 +33,9 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from .models import Anatomy, LoadedModel, anatomy_from_config, parameter_counts
-from .whatif import HARDWARE, bytes_by_dtype, what_if  # noqa: F401 - re-exported: prune.what_if
-from .whatif import _unpack
+from compression.models import Anatomy, LoadedModel, anatomy_from_config, parameter_counts
+from compression.measure.whatif import HARDWARE, bytes_by_dtype, what_if  # noqa: F401 - re-exported: prune.what_if
+from compression.measure.whatif import _unpack
 
 NEURON_MULTIPLE = 32  # bitsandbytes nf4 on CPU asserts N % 32 == 0 (shared/NOTES-reference-model.md)
 PAPER_FIRST_LAYERS_KEPT = 3  # paper default: the first 3 decoder layers and the last one left whole
@@ -444,7 +444,7 @@ def _sync_config(model: nn.Module, anatomy: Anatomy) -> None:
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from .pruned_modeling import LlavaPrunedConfig, LlavaPrunedForConditionalGeneration
+    from compression.models.pruned import LlavaPrunedConfig, LlavaPrunedForConditionalGeneration
 
     text = model.config.text_config
     heads, kv, inter = [], [], []
@@ -522,7 +522,7 @@ def save_pruned(model: nn.Module, processor: Any, out_dir: str | Path, plan: Pla
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    from .pruned_modeling import LlavaPrunedForConditionalGeneration
+    from compression.models.pruned import LlavaPrunedForConditionalGeneration
 
     if isinstance(model, LlavaPrunedForConditionalGeneration):
         _forget_legacy_key_mapping(model)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import Anatomy, LoadedModel, parameter_counts
-from .paths import cache_dir
+from compression.models import Anatomy, LoadedModel, parameter_counts
+from compression.paths import cache_dir
 
 NF4_BLOCK = 64
 
@@ -125,7 +125,7 @@ def _unpack(source) -> tuple[nn.Module, Anatomy]:
 
 def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware: str = "cpu",
             prompt_tokens: int = 32) -> dict[str, Any]:
-    """Estimates for the model as it is, or after ``plan`` (a ``compression.prune.Plan``), on ``hardware``.
+    """Estimates for the model as it is, or after ``plan`` (a ``compression.methods.prune.Plan``), on ``hardware``.
 
     Needs only shapes: works on config-only models (``models.load("config:llava-1.5-7b")``).
     ``prompt_tokens``: text tokens of the prompt besides the image's visual tokens.

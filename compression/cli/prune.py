@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import UsageError, emit
+from compression.cli.common import UsageError, emit
 
 SCORER_DEFAULTS = {"layer": "block_influence", "width": "taylor"}
 
@@ -36,7 +36,7 @@ def _check_budget(args) -> None:
 
 def _scores(loaded, method: str, scorer: str, samples: int, data_source: str):
     """Importance scores for a plan, or None for config-only models / ``--scorer none``."""
-    from .importance import LAYER_METHODS, UNIT_METHODS, cached_importance
+    from compression.methods.importance import LAYER_METHODS, UNIT_METHODS, cached_importance
 
     if scorer == "none" or not loaded.has_weights:
         return None
@@ -50,7 +50,7 @@ def _scores(loaded, method: str, scorer: str, samples: int, data_source: str):
 
 
 def _make_plan(args, loaded):
-    from .prune import make_plan
+    from compression.methods.prune import make_plan
 
     scorer = args.scorer or SCORER_DEFAULTS[args.method]
     scores = _scores(loaded, args.method, scorer, args.samples, args.data)
@@ -59,7 +59,7 @@ def _make_plan(args, loaded):
 
 
 def _cmd_analyze(args) -> int:
-    from .models import load
+    from compression.models import load
 
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples} must be at least 1")
@@ -68,7 +68,7 @@ def _cmd_analyze(args) -> int:
     loaded = load(args.model)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); importance needs weights")
-    from .importance import cached_importance
+    from compression.methods.importance import cached_importance
 
     frame = cached_importance(loaded, args.kind, args.method, args.samples, args.data)
     method = str(frame["method"].iloc[0])
@@ -83,15 +83,13 @@ def _cmd_analyze(args) -> int:
 
 
 def _analyze_tokens(args) -> int:
-    from . import data
-    from .models import load
+    from compression.data import shapes as data
+    from compression.models import load
 
     if not args.image or not args.question:
         raise UsageError("--kind tokens needs --image PATH and --question TEXT")
-    try:
-        from .tokens import analyze_tokens
-    except ImportError:
-        raise UsageError("visual-token analysis is not available: compression.tokens is not installed") from None
+    from compression.methods.tokens import analyze_tokens
+
     image = data.load_image(args.image)
     loaded = load(args.model)
     if not loaded.has_weights:
@@ -102,8 +100,8 @@ def _analyze_tokens(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .models import load
-    from .prune import plan_summary, what_if
+    from compression.models import load
+    from compression.methods.prune import plan_summary, what_if
 
     _check_budget(args)
     loaded = load(args.model)
@@ -128,8 +126,8 @@ def _cmd_plan(args) -> int:
 def _cmd_prune(args) -> int:
     from pathlib import Path
 
-    from .models import load
-    from .prune import apply_plan, plan_summary, save_pruned
+    from compression.models import load
+    from compression.methods.prune import apply_plan, plan_summary, save_pruned
 
     _check_budget(args)
     out = Path(args.out).expanduser()

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data
-from .models import Anatomy
+from compression.data import shapes as data
+from compression.models import Anatomy
 
 Mode = Literal["none", "projector", "lora", "full"]
 Distillation = Literal["none", "logits", "hidden", "hidden+logits"]

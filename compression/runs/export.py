@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .paths import cache_dir
+from compression.paths import cache_dir
 
 ZIP_LIMIT_BYTES = 200 * 1024 ** 2   # larger exports are not offered as one browser download
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -136,7 +136,7 @@ def _copy_model(src: Path, dst: Path) -> bool:
 
 def _resave_as_safetensors(src: Path, dst: Path) -> None:
     """A run folder with pickle weights only (not written by this project): load it, save safetensors."""
-    from .models import load
+    from compression.models import load
 
     loaded = load(str(src))
     loaded.model.save_pretrained(dst, safe_serialization=True)
@@ -176,8 +176,8 @@ def verify_export(run_model: Path, export_dir: Path, remote_code: bool) -> float
     fresh process with plain transformers, on one ShapesVQA test question."""
     from safetensors.torch import load_file
 
-    from . import data
-    from .models import load
+    from compression.data import shapes as data
+    from compression.models import load
 
     sample = data.generate("test", 0)
     text = data.prompt(sample.question)

@@ -7,7 +7,7 @@ readers never block the worker), holds for each job its state (queued / running 
 failed / cancelled), stage, step / total, loss, ETA, pid and heartbeat. Per job,
 ``cache_dir()/jobs/<id>/`` holds the log and a work folder (the pruned model and recovery
 checkpoints, for resuming). A finished job's run folder is ``cache_dir()/runs/<id>/``, written
-by ``compression.pipeline`` under a temporary name and renamed when complete.
+by ``compression.runs.pipeline`` under a temporary name and renamed when complete.
 
 Scheduling is pull-based and has no daemon: ``schedule()`` marks dead workers failed (pid gone,
 or no heartbeat for ``COMPRESSION_HEARTBEAT_STALE_S``) and starts queued jobs while fewer than
@@ -29,8 +29,8 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .paths import REPO_ROOT, cache_dir
-from .recipe import Recipe
+from compression.paths import REPO_ROOT, cache_dir
+from compression.runs.recipe import Recipe
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -351,7 +351,7 @@ def run_worker(job_id: str) -> int:
     """The body of ``python -m compression worker JOB``: run the job's recipe, record how it went."""
     from transformers.utils import logging as hf_logging
 
-    from . import pipeline
+    from compression.runs import pipeline
 
     hf_logging.disable_progress_bar()  # a log file is no place for progress bars
     pid = os.getpid()

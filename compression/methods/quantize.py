@@ -27,12 +27,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .models import Anatomy
+from compression.models import Anatomy
+# loading-time helpers live with the loader; re-exported here for the quantization API
+from compression.models.bnb_cpu import (CPU_NF4_BLOCK_N, NF4_BLOCK_SIZE, nf4_cpu_kernel_fits,  # noqa: F401
+                                        prepare_bnb_for_cpu)
 
 QuantFormat = Literal["int8", "nf4"]
 FORMATS: tuple[str, ...] = ("int8", "nf4")
-NF4_BLOCK_SIZE = 64  # bitsandbytes' default 4-bit block size
-CPU_NF4_BLOCK_N = 32  # output rows per tile in bitsandbytes' AVX512-BF16 NF4 kernel
 # Not quantized: transformers' bnb integration matches these as prefixes of module names.
 SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
@@ -69,26 +70,6 @@ def bnb_config(fmt: QuantFormat):
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=list(SKIP_MODULES))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                               bnb_4bit_use_double_quant=False, llm_int8_skip_modules=list(SKIP_MODULES))
-
-
-def nf4_cpu_kernel_fits(in_features: int, out_features: int) -> bool:
-    """Whether bitsandbytes' AVX512-BF16 NF4 kernel accepts this shape (else it raises at the first forward)."""
-    return out_features % CPU_NF4_BLOCK_N == 0 and in_features % NF4_BLOCK_SIZE == 0
-
-
-def prepare_bnb_for_cpu(model: nn.Module) -> list[str]:
-    """Turn off the AVX512-BF16 NF4 fast path on layers whose shape it cannot take; returns their names.
-
-    Call after loading a saved nf4 model (``models.load`` of a folder with a ``quantization_config``).
-    """
-    import bitsandbytes as bnb
-
-    disabled = []
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit) and not nf4_cpu_kernel_fits(module.in_features, module.out_features):
-            module.support_avx512bf16_for_cpu = False
-            disabled.append(name)
-    return disabled
 
 
 def _to_bnb(linear: nn.Linear, fmt: QuantFormat) -> nn.Module:

@@ -18,7 +18,6 @@ for visual-token pruning.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import shutil
@@ -28,23 +27,15 @@ from typing import Any, Callable
 
 import torch
 
-from . import data, evaluate, recover
-from .models import LoadedModel, load, parameter_counts
-from .recipe import Recipe
+from compression.data import shapes as data
+from compression.measure import evaluate
+from compression.methods import importance, prune, quantize, recover, tokens
+from compression.models import LoadedModel, load, parameter_counts
+from compression.runs.recipe import Recipe
 
 # progress(stage, step, total, loss): stage is one of STAGES; step/total count recovery steps.
 Progress = Callable[[str, int, int, "float | None"], None]
 STAGES = ("load", "prune", "recover", "quantize", "evaluate", "save")
-
-
-def _optional(module: str):
-    """A sibling module written in another issue (importance, prune, quantize, tokens), or None."""
-    try:
-        return importlib.import_module(f".{module}", __package__)
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.{module}":
-            raise
-        return None
 
 
 def train_subset(fraction: float, seed: int) -> list[data.Sample]:
@@ -136,11 +127,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
     stage("quantize")
     t = time.time()
     if recipe.quantize != "none":
-        quantize = _optional("quantize")
-        if quantize is None:
-            raise ValueError(f"quantize {recipe.quantize!r} needs compression.quantize, which is not installed; "
-                             "expected quantize: none")
-        student.model = _quantized(quantize, student, recipe.quantize)
+        student.model = _quantized(student, recipe.quantize)
         say(f"quantized the language model to {recipe.quantize}")
     timings["quantize_s"] = time.time() - t
 
@@ -187,7 +174,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
 
 def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, say):
     """The student before recovery: a pruned copy of the original (or the copy kept in ``work``)."""
-    prune = _optional("prune")
     kept = work / "pruned" if work is not None else None
     if kept is not None and (kept / "config.json").is_file():
         student = load(str(kept))
@@ -198,8 +184,6 @@ def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, sa
                           original.kind, original.path, True, original.fingerprint)
     plan = None
     if recipe.prune.method != "none":
-        if prune is None:
-            raise ValueError("prune.method needs compression.prune, which is not installed; expected method: none")
         scores = _importance_scores(recipe, original, say)
         plan = prune.make_plan((student.model, student.anatomy), recipe.prune.method, ratio=recipe.prune.ratio,
                                scores=scores, layer_range=recipe.prune.layer_range, scorer=recipe.prune.scorer)
@@ -219,12 +203,7 @@ def _is_main_process() -> bool:
 
 
 def _importance_scores(recipe: Recipe, original: LoadedModel, say):
-    """Scores the plan ranks by, from compression.importance (cached per model); None without it
-    (the plan then falls back to its documented default order)."""
-    importance = _optional("importance")
-    if importance is None:
-        say("compression.importance is not installed: pruning by the plan's default order")
-        return None
+    """Scores the plan ranks by, from compression.methods.importance (cached per model and data)."""
     n = recipe.prune.calibration_samples
     if recipe.prune.method == "layer":
         return importance.cached_importance(original, "layers", recipe.prune.scorer, n)
@@ -232,17 +211,13 @@ def _importance_scores(recipe: Recipe, original: LoadedModel, say):
             for kind in ("heads", "neurons")}
 
 
-def _quantized(quantize, student: LoadedModel, fmt: str):
+def _quantized(student: LoadedModel, fmt: str):
     out = quantize.quantize_model(student.model, student.anatomy, fmt)
     return out[0] if isinstance(out, tuple) else out
 
 
 def _token_pruning(recipe: Recipe):
-    """``generate_fn`` for accuracy and ``inputs_fn`` for latency, from compression.tokens (QAPruner)."""
-    tokens = _optional("tokens")
-    if tokens is None:
-        raise ValueError("visual_tokens.keep_ratio < 1 needs compression.tokens, which is not installed; "
-                         "expected keep_ratio: 1.0")
+    """``generate_fn`` for accuracy and ``inputs_fn`` for latency, from compression.methods.tokens (QAPruner)."""
     spec = recipe.visual_tokens
     scorer, semantic = tokens.RECIPE_SCORERS.get(spec.scorer, (spec.scorer, None))
     kwargs = dict(alpha=spec.alpha, seed=recipe.recovery.seed, semantic=semantic or "attention")
@@ -256,20 +231,13 @@ def _save_model(student: LoadedModel, folder: Path, plan) -> None:
         # LLaVA keys the old way ("language_model.lm_head.weight"); for model_type "llava_pruned"
         # loading does not map them back and lm_head would come back random. Save today's keys.
         del student.model._weight_conversions
-    quantize = _optional("quantize")
-    fmt = quantize.quantization_format(student.model) if quantize is not None else None
+    fmt = quantize.quantization_format(student.model)
     if fmt is not None:
         quantize.save_quantized(student.model, student.processor, folder, fmt)
         if plan is not None:
             (folder / "pruning_plan.json").write_text(plan.to_json())
         return
-    prune = _optional("prune")
-    if prune is not None:
-        prune.save_pruned(student.model, student.processor, folder, plan)
-    else:
-        folder.mkdir(parents=True)
-        student.model.save_pretrained(folder)
-        student.processor.save_pretrained(folder)
+    prune.save_pruned(student.model, student.processor, folder, plan)
 
 
 def _measure(original: LoadedModel, student: LoadedModel, test: list[data.Sample], generate_fn, inputs_fn, plan,
@@ -306,9 +274,6 @@ def _measure(original: LoadedModel, student: LoadedModel, test: list[data.Sample
 
 def _what_if(original: LoadedModel, plan) -> dict[str, Any] | None:
     """The what-if estimate (a roofline, not a measurement) for the original and after the plan."""
-    prune = _optional("prune")
-    if prune is None or not hasattr(prune, "what_if"):
-        return None
     keys = ("prefill_ms", "decode_ms_per_token", "params_total", "params_language", "bytes", "estimate")
     before = prune.what_if(original)
     after = prune.what_if(original, plan) if plan is not None else before

@@ -22,10 +22,10 @@ RecoveryMode = Literal["none", "projector", "lora", "full"]
 Distillation = Literal["none", "logits", "hidden", "hidden+logits"]
 QuantizeFormat = Literal["none", "int8", "nf4"]
 
-# Scorers each pruning paradigm accepts (the names of compression.importance, kept here so a recipe
+# Scorers each pruning paradigm accepts (the names of compression.methods.importance, kept here so a recipe
 # validates without importing torch): block influence (or the loss when a layer is removed) ranks
 # whole layers; first-order Taylor, activation magnitude (Minitron) and weight magnitude rank heads
-# and neurons. Visual-token scorers (compression.tokens.RECIPE_SCORERS): QAPruner's hybrid of a
+# and neurons. Visual-token scorers (compression.methods.tokens.RECIPE_SCORERS): QAPruner's hybrid of a
 # semantic score (FastV attention or text similarity) and the quantization score, fused by alpha.
 LAYER_SCORERS = ("block_influence", "removal_loss")
 WIDTH_SCORERS = ("taylor", "activation", "magnitude")

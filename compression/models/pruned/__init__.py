@@ -4,8 +4,8 @@ They live in ``configuration_llava_pruned`` / ``modeling_llava_pruned`` (self-co
 ``save_pretrained`` copies into the folder, with an ``auto_map``); ``compression.models`` loads
 such folders through these names without ``trust_remote_code``.
 """
-from .configuration_llava_pruned import LlavaPrunedConfig
-from .modeling_llava_pruned import LlavaPrunedForConditionalGeneration, apply_pruned_widths, set_layer_widths
+from compression.models.pruned.configuration_llava_pruned import LlavaPrunedConfig
+from compression.models.pruned.modeling_llava_pruned import LlavaPrunedForConditionalGeneration, apply_pruned_widths, set_layer_widths
 
 __all__ = ["LlavaPrunedConfig", "LlavaPrunedForConditionalGeneration", "apply_pruned_widths", "set_layer_widths"]
 

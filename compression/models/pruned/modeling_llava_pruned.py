@@ -1,6 +1,6 @@
 """LLaVA whose decoder layers each have their own attention and MLP widths (structurally pruned).
 
-Self-contained (imports only torch and transformers): ``compression.prune.save_pruned`` ships
+Self-contained (imports only torch and transformers): ``compression.methods.prune.save_pruned`` ships
 this file in the model folder with an ``auto_map``, so the folder loads with
 ``AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`` and no project import.
 

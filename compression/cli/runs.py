@@ -1,7 +1,7 @@
 """CLI: ``run RECIPE``, ``jobs list|submit|cancel|resume|show``, ``export RUN --to DIR`` (and the internal ``worker``).
 
 ``run`` executes the pipeline in this process with a progress bar; ``jobs submit`` queues the
-same recipe as a background job. Both go through ``compression.pipeline.run_recipe``.
+same recipe as a background job. Both go through ``compression.runs.pipeline.run_recipe``.
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import UsageError, emit
+from compression.cli.common import UsageError, emit
 
 
 def _recipe(path: str):
-    from .recipe import Recipe
+    from compression.runs.recipe import Recipe
 
     return Recipe.from_yaml(Path(path))
 
@@ -56,8 +56,8 @@ class _Bar:
 
 
 def _cmd_run(args) -> int:
-    from . import pipeline
-    from .paths import cache_dir
+    from compression.runs import pipeline
+    from compression.paths import cache_dir
 
     from transformers.utils import logging as hf_logging
 
@@ -90,7 +90,7 @@ def _job_line(j: dict) -> str:
 
 
 def _cmd_jobs(args) -> int:
-    from . import jobs
+    from compression.runs import jobs
 
     if args.action == "list":
         rows = jobs.list_jobs()
@@ -119,7 +119,7 @@ def _cmd_jobs(args) -> int:
 
 
 def _cmd_worker(args) -> int:
-    from . import jobs
+    from compression.runs import jobs
 
     return jobs.run_worker(args.job)
 
@@ -127,7 +127,7 @@ def _cmd_worker(args) -> int:
 # ------------------------------------------------------------------------------------------- export
 
 def _cmd_export(args) -> int:
-    from . import export
+    from compression.runs import export
 
     path = export.export_run(args.run, args.to, overwrite=args.overwrite, make_zip=not args.no_zip)
     zipped = export.zip_path_for(path)
@@ -152,7 +152,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_jobs)
 
-    p = sub.add_parser("worker", help=argparse.SUPPRESS)  # internal: started by compression.jobs
+    p = sub.add_parser("worker", help=argparse.SUPPRESS)  # internal: started by compression.runs.jobs
     p.add_argument("job")
     p.set_defaults(func=_cmd_worker)
 

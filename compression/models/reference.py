@@ -14,7 +14,7 @@ Training follows the LLaVA stages, shrunk to a CPU budget (shared/NOTES-referenc
 
 Command (about 30-55 min on 2 CPU cores, depending on what else runs)::
 
-    python -m compression.reference --out compression/assets/reference
+    python -m compression.models.reference --out compression/assets/reference
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data
+from compression.data import shapes as data
 
-REFERENCE_PATH = Path(__file__).parent / "assets" / "reference"
+REFERENCE_PATH = Path(__file__).resolve().parent.parent / "assets" / "reference"
 PATCH_SIZE = 16
 IMAGE_TOKENS = (data.IMAGE_SIZE // PATCH_SIZE) ** 2  # 16: the CLS token is dropped ("default" strategy)
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -267,7 +267,7 @@ def train(out: Path, cfg: TrainConfig, log=print) -> dict:
     processor.save_pretrained(tmp)
     elapsed = time.time() - started
     summary = {"train_config": asdict(cfg), "seconds": round(elapsed, 1), "history": history,
-               "command": "python -m compression.reference --out compression/assets/reference"}
+               "command": "python -m compression.models.reference --out compression/assets/reference"}
     (tmp / "training_log.json").write_text(json.dumps(summary, indent=1))
     if out.exists():
         shutil.rmtree(out)

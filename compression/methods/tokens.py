@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .models import Anatomy, LoadedModel, anatomy_from_config
+from compression.models import Anatomy, LoadedModel, anatomy_from_config
 
 Scorer = Literal["none", "semantic", "outlier", "hybrid", "random"]
 SemanticSource = Literal["attention", "similarity"]
@@ -50,7 +50,7 @@ SCORERS: tuple[str, ...] = ("none", "semantic", "outlier", "hybrid", "random")
 SEMANTIC_SOURCES: tuple[str, ...] = ("attention", "similarity")
 PositionMode = Literal["contiguous", "original"]
 POSITION_MODES: tuple[str, ...] = ("contiguous", "original")
-# The recipe (compression.recipe) names the semantic source and fuses through alpha: "attention" with
+# The recipe (compression.runs.recipe) names the semantic source and fuses through alpha: "attention" with
 # alpha < 1 is the QAPruner hybrid, with alpha = 1 pure FastV; "quantization" is S^Q alone.
 RECIPE_SCORERS: dict[str, tuple[str, str | None]] = {
     "attention": ("hybrid", "attention"), "similarity": ("hybrid", "similarity"),
@@ -246,7 +246,7 @@ def analyze_tokens(loaded: LoadedModel, image: Image.Image, question: str, layer
     ``layer=None``: scores at the projector output, attention read at ``attention_layer``
     (default FastV's layer 2); ``layer=L``: hidden states entering decoder layer L and its attention.
     """
-    from .evaluate import encode
+    from compression.measure.evaluate import encode
 
     if not loaded.has_weights:
         raise ValueError(f"model {loaded.name} is config-only (no weights); token scores need weights")

@@ -1,0 +1,1 @@
+"""Measured and estimated figures: evaluation (accuracy, size, latency) and what-if estimates."""

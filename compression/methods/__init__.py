@@ -1,0 +1,1 @@
+"""The compression methods: importance, structural pruning, recovery, quantization, visual tokens."""

@@ -1,0 +1,1 @@
+"""What a user launches and keeps: recipes, the pipeline, background jobs, exports."""
