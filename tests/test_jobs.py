@@ -103,7 +103,7 @@ def test_cancel_and_a_store_that_survives_a_restart(tiny_folder):
 
     # Another process (a restarted app) opens the store and sees every job as it is.
     mine = {j["id"]: (j["state"], j["name"], j["created"], j["attempts"]) for j in jobs.list_jobs()}
-    code = ("import json; from compression import jobs; "
+    code = ("import json; from compression.runs import jobs; "
             "print(json.dumps([[j['id'], j['state'], j['name'], j['created'], j['attempts']] for j in jobs.list_jobs()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     theirs = {row[0]: tuple(row[1:]) for row in json.loads(out.stdout)}
