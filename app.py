@@ -10,7 +10,6 @@ Pages are thin: each calls the library in ``compression/``.
 """
 import streamlit as st
 
-from compression.data import shapes as data
 from compression.measure import evaluate
 from compression.models import parameter_counts
 from ui import common, measure, views
@@ -43,43 +42,53 @@ if not loaded.has_weights:
     st.stop()
 
 st.subheader("Accuracy and latency")
-samples = st.select_slider("Test questions", options=[20, 50, 100, 200, 500], value=100, key="model_samples")
-report = measure.cached_evaluation(loaded, samples)
+source = common.data_source("eval")
+samples = st.select_slider("Records", options=[20, 50, 100, 200, 500], value=100, key="model_samples",
+                           help="the first records (with an image) of the chosen data")
+selection = common.selection("eval", samples)
+report = measure.cached_evaluation(loaded, selection)
 if st.button("Measure accuracy and latency", type="primary" if report is None else "secondary"):
-    with st.spinner(f"Answering {samples} test questions and timing prefill / decode…"):
-        report = measure.measure(loaded, samples)
+    with st.spinner(f"Answering {len(selection)} records and timing prefill / decode…"), common.shown_as_message():
+        report = measure.measure(loaded, selection)
 if report is None:
-    st.caption("Not measured yet for this model and number of questions.")
+    st.caption(f"Not measured yet for this model on {selection.describe()}.")
 else:
     a, b, c = st.columns(3)
-    a.metric("Exact-match accuracy", f"{report['accuracy']:.1%}", help=f"{report['samples']} test questions")
+    a.metric(f"Accuracy ({report['metric'].replace('_', ' ')})", f"{report['accuracy']:.1%}", help=report["data"])
     b.metric("Prefill (image + question)", f"{report['prefill_ms']:.1f} ms")
     c.metric("Decode", f"{report['decode_tokens_per_s']:.0f} tokens/s")
-    st.plotly_chart(views.per_type_chart(report["per_type"], "Accuracy per question type (measured)"),
-                    key="per_type_chart")
-    common.measured(f"{report['samples']} held-out questions; latency is the median of "
-                    f"{report.get('latency_repeats', 9)} runs at batch 1 after warm-up, "
-                    f"{report['measured_at']}.")
+    if report["per_type"]:
+        st.plotly_chart(views.per_type_chart(report["per_type"], "Accuracy per record type (measured)"),
+                        key="per_type_chart")
+    common.measured(f"{report['data']}, prompted with {report['prompt']}; latency is the median of "
+                    f"{report.get('latency_repeats', 9)} runs at batch 1 after warm-up, {report['measured_at']}.")
 
-st.subheader("A ShapesVQA sample")
-index = st.number_input("Test sample", min_value=0, max_value=data.SPLIT_SIZES["test"] - 1, value=0, step=1)
+st.subheader(f"A record of {source.label}")
+index = st.number_input("Record", min_value=0, max_value=len(source) - 1, value=0, step=1, key="model_record")
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def answer_of(source: str, fingerprint: str, index: int) -> tuple[str, float]:
-    sample = data.generate("test", index)
-    return evaluate.ask(common.loaded_model(source=source), sample.image, sample.question)
+def answer_of(model: str, fingerprint: str, data_key: str, index: int) -> tuple[str, float]:
+    record = source.record(index)
+    return evaluate.ask(common.loaded_model(source=model), record.images[0], record.question)
 
 
-sample = data.generate("test", int(index))
+with common.shown_as_message():
+    record = source.record(int(index))
+if not record.images:
+    st.info(f"Record {record.index} is text-only; pick a record with an image.")
+    st.stop()
 image_col, text_col = st.columns([1, 2])
-image_col.image(sample.image.resize((256, 256), 0), caption=f"test #{index} (64x64, shown enlarged)")
+shown = record.images[0]
+image_col.image(shown.resize((256, 256), 0) if max(shown.size) <= 128 else shown, width=256,
+                caption=f"record {record.index} ({shown.width}x{shown.height})")
 with text_col:
-    answer, ms = answer_of(loaded.name, loaded.fingerprint, int(index))
-    st.markdown(f"**Question** ({sample.qtype}): {sample.question}")
-    st.markdown(f"**Model's answer:** {answer}  \n**Expected:** {sample.answer}")
-    if evaluate.normalize_answer(answer) == evaluate.normalize_answer(sample.answer):
+    with common.shown_as_message():
+        answer, ms = answer_of(loaded.name, loaded.fingerprint, source.fingerprint(), int(index))
+    st.markdown(f"**Question**{f' ({record.type})' if record.type else ''}: {record.question}")
+    st.markdown(f"**Model's answer:** {answer}  \n**Expected:** {record.answer}")
+    if evaluate.normalize_answer(answer) == evaluate.normalize_answer(record.answer):
         st.success("correct")
     else:
         st.warning("wrong")
-    common.measured(f"answered in {ms:.0f} ms (first call includes warm-up)")
+    common.measured(f"answered in {ms:.0f} ms (first call includes warm-up), prompted with {loaded.prompt.name}")

@@ -100,11 +100,11 @@ advised_ratio = ratio if ratio is not None else achieved.get("layer", max(achiev
 with common.shown_as_message():
     suggestion = advice.decision_flow(advised_ratio, data_fraction, compute)
 st.success(f"**{suggestion.summary}.**  \n{suggestion.reason}")
-st.caption("Decision flow of Huang et al., arXiv 2507.20749 (shared/DESIGN.md).")
+st.caption("Decision flow of Huang et al., arXiv 2507.20749 (docs/methods.md).")
 if not loaded.has_weights:
     st.caption("A config-only model cannot be compressed (no weights); pick a model with weights to launch a job.")
 elif st.button("Prefill the Compress form with this advice", type="primary"):
     with common.shown_as_message():
         recipe = advice.recipe_for(common.current_source(), advised_ratio, suggestion)
-    st.session_state["advised_recipe"] = recipe.to_yaml()
+    st.session_state["advised_recipe"] = recipe
     st.switch_page("pages/compress.py")

@@ -4,6 +4,7 @@ so a refresh or a new tab reconnects to it."""
 import hashlib
 
 import streamlit as st
+import yaml
 
 from compression.runs.recipe import LAYER_SCORERS, TOKEN_SCORERS, WIDTH_SCORERS, Recipe
 from compression.runs import jobs
@@ -18,62 +19,93 @@ if not loaded.has_weights:
             "a local folder or a finished run in the sidebar.")
 
 # ------------------------------------------------------------------------------------------- the recipe form
-prefill_yaml = st.session_state.get("advised_recipe")
-if prefill_yaml:
-    prefill = Recipe.from_yaml(prefill_yaml)
+data = common.current_data()
+prefill = st.session_state.get("advised_recipe")
+if prefill:
     st.caption("Prefilled from the paper's advice on the Budget & what-if page.")
 else:
     prefill = advice.recipe_for(source, 0.3, advice.decision_flow(0.3))
     st.caption("Prefilled with the paper's advice for removing 30 % (change the budget on Budget & what-if).")
-if prefill.model != source:
-    prefill = prefill.model_copy(update={"model": source})
+prefill = {**prefill, "model": source}
+p, r = prefill.get("prune", {}), prefill.get("recovery", {})
+v, d = prefill.get("visual_tokens", {}), prefill.get("data", {})
+train_default = (d.get("train") or {}).get("source") if isinstance(d.get("train"), dict) else d.get("train")
+if train_default is None:
+    train_default = "shapes" if source == "reference" else ""
+train_path = train_default if isinstance(train_default, str) else train_default.get("path", "")
+train_root = "" if isinstance(train_default, str) else train_default.get("image_root", "")
 # Widget keys carry the prefill's hash: a new prefill shows new values instead of the old widgets' state.
-tag = hashlib.sha1(prefill.to_yaml().encode()).hexdigest()[:8]
-p, r, v = prefill.prune, prefill.recovery, prefill.visual_tokens
+tag = hashlib.sha1(repr(sorted(prefill.items())).encode()).hexdigest()[:8]
 
 with st.form(f"recipe_{tag}"):
-    st.markdown(f"**Model:** `{source}` (change it in the sidebar)")
-    name = st.text_input("Run name (optional)", value=prefill.name or "", placeholder="e.g. layer30-kd")
+    st.markdown(f"**Model:** `{source}` · **evaluated on:** `{common.data_label(data)}` (change both in the "
+                "sidebar)")
+    name = st.text_input("Run name (optional)", value=prefill.get("name") or "", placeholder="e.g. layer30-kd")
     c1, c2, c3 = st.columns(3)
     with c1:
         st.markdown("**Prune**")
         methods = ["none", "layer", "width"]
-        method = st.selectbox("Method", methods, index=methods.index(p.method))
-        ratio = st.slider("Fraction of the language model removed", 0.0, 0.9, float(p.ratio), 0.05)
+        method = st.selectbox("Method", methods, index=methods.index(p.get("method", "none")))
+        ratio = st.slider("Fraction of the language model removed", 0.0, 0.9, float(p.get("ratio", 0.0)), 0.05)
         scorers = ["default", *LAYER_SCORERS, *WIDTH_SCORERS]
-        scorer = st.selectbox("Scorer", scorers, index=scorers.index(p.scorer) if p.scorer in scorers else 0,
-                              help="layer: block_influence; width: taylor (paper), activation (Minitron), magnitude")
-        calibration = st.number_input("Calibration samples", 1, 1000, int(p.calibration_samples))
+        scorer = st.selectbox("Scorer", scorers, index=scorers.index(p.get("scorer")) if p.get("scorer") in scorers
+                              else 0, help="layer: block_influence; width: taylor (paper), activation (Minitron), "
+                                           "magnitude")
+        layers = loaded.anatomy.num_layers
+        start, stop = (p.get("layer_range") or (None, None))
+        first = st.number_input("Eligible layers from", 0, max(0, layers - 1), int(start or 0),
+                                help="width default: the first 3 and the last layer stay whole (the paper)")
+        last = st.number_input("… up to (exclusive; 0 = default range)", 0, layers, int(stop or 0))
+        calibration = st.number_input("Calibration records", 1, 1000, 10)
     with c2:
         st.markdown("**Recover**")
         modes = ["none", "projector", "lora", "full"]
-        mode = st.selectbox("Train", modes, index=modes.index(r.mode))
+        mode = st.selectbox("Train", modes, index=modes.index(r.get("mode", "none")))
         kds = ["none", "logits", "hidden", "hidden+logits"]
-        distillation = st.selectbox("Distillation from the original", kds, index=kds.index(r.distillation),
+        distillation = st.selectbox("Distillation from the original", kds, index=kds.index(r.get("distillation", "none")),
                                     help="hidden = SFT + hidden-state L2 (the paper's best)")
-        data_fraction = st.number_input("Data fraction", 0.001, 1.0, float(r.data_fraction), 0.01, format="%.3f")
-        learning_rate = st.number_input("Learning rate", 1e-6, 1e-1, float(r.learning_rate), format="%.0e")
-        max_steps = st.number_input("Max steps (0 = one full epoch)", 0, 100_000, int(r.max_steps or 0))
+        train_source = st.text_input("Training data (recovery and calibration)", value=train_path,
+                                     placeholder="/path/to/train.json, a datasets folder, or shapes")
+        train_images = st.text_input("Its image folder (default: the file's folder)", value=train_root)
+        fraction = (d.get("train") or {}).get("fraction", 0.05) if isinstance(d.get("train"), dict) else 0.05
+        data_fraction = st.number_input("Fraction of the training data", 0.0001, 1.0, float(fraction), 0.01,
+                                        format="%.4f")
+        learning_rate = st.number_input("Learning rate", 1e-6, 1e-1, float(r.get("learning_rate", 1e-4)),
+                                        format="%.0e")
+        max_steps = st.number_input("Max steps (0 = one full epoch)", 0, 100_000, int(r.get("max_steps") or 0))
     with c3:
         st.markdown("**Quantize, visual tokens, evaluate**")
         formats = ["none", "int8", "nf4"]
-        quantize = st.selectbox("Quantize", formats, index=formats.index(prefill.quantize))
-        keep_ratio = st.slider("Visual tokens kept", 0.05, 1.0, float(v.keep_ratio), 0.05)
-        token_scorer = st.selectbox("Token scorer", TOKEN_SCORERS, index=TOKEN_SCORERS.index(v.scorer))
-        alpha = st.slider("α (semantic vs quantization)", 0.0, 1.0, float(v.alpha), 0.05)
-        eval_samples = st.number_input("Test questions", 1, 2000, int(prefill.eval_samples))
+        quantize = st.selectbox("Quantize", formats, index=formats.index(prefill.get("quantize", "none")))
+        keep_ratio = st.slider("Visual tokens kept", 0.05, 1.0, float(v.get("keep_ratio", 1.0)), 0.05)
+        token_scorer = st.selectbox("Token scorer", TOKEN_SCORERS,
+                                    index=TOKEN_SCORERS.index(v.get("scorer", "attention")))
+        alpha = st.slider("α (semantic vs quantization)", 0.0, 1.0, float(v.get("alpha", 0.7)), 0.05)
+        eval_samples = st.number_input("Evaluation records (of the sidebar's data)", 1, 100_000,
+                                       int((d.get("eval") or {}).get("samples", 200)
+                                           if isinstance(d.get("eval"), dict) else 200))
     submitted = st.form_submit_button("Launch job", type="primary", disabled=not loaded.has_weights)
 
 if submitted:
+    if data is None:
+        st.error(f"Pick the data to evaluate `{source}` on in the sidebar first: the built-in shapes are only the "
+                 "reference model's data.")
+        st.stop()
+    train_value = train_source.strip() if not train_images.strip() else {"path": train_source.strip(),
+                                                                          "image_root": train_images.strip()}
+    raw_data = {"eval": {"source": data, "samples": int(eval_samples)}}
+    if train_source.strip():
+        raw_data["train"] = {"source": train_value, "fraction": data_fraction}
+        raw_data["calibration"] = {"source": train_value, "samples": int(calibration)}
     raw = {"name": name.strip() or None, "model": source,
            "prune": {"method": method, "ratio": ratio, "scorer": None if scorer == "default" else scorer,
-                     "calibration_samples": int(calibration)},
-           "recovery": {"mode": mode, "distillation": distillation, "data_fraction": data_fraction,
-                        "learning_rate": learning_rate, "max_steps": int(max_steps) or None,
-                        "epochs": r.epochs, "batch_size": r.batch_size},
+                     "layer_range": [int(first), int(last)] if last else None},
+           "recovery": {"mode": mode, "distillation": distillation, "learning_rate": learning_rate,
+                        "max_steps": int(max_steps) or None, "epochs": r.get("epochs", 1),
+                        "batch_size": r.get("batch_size", 16)},
            "quantize": quantize,
            "visual_tokens": {"keep_ratio": keep_ratio, "scorer": token_scorer, "alpha": alpha},
-           "eval_samples": int(eval_samples)}
+           "data": raw_data}
     with common.shown_as_message():
         recipe = Recipe.from_dict(raw)
     with common.shown_as_message():
@@ -82,7 +114,7 @@ if submitted:
     st.toast(f"Job {job_id} launched")
 
 with st.expander("Recipe as YAML (the same file `python -m compression run` takes)"):
-    st.code(prefill.to_yaml(), language="yaml")
+    st.code(yaml.safe_dump(prefill, sort_keys=False), language="yaml")
 
 # ------------------------------------------------------------------------------------------- live jobs
 st.subheader("Jobs")

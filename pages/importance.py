@@ -6,40 +6,42 @@ from compression.methods import importance, prune
 from ui import budget, common, views
 
 common.page_header("Importance", "Block influence and single-layer removal loss per decoder layer; per-head and "
-                   "per-neuron scores as layers × units heatmaps. Measured on ShapesVQA calibration samples.")
+                   "per-neuron scores as layers × units heatmaps, measured on calibration records of the chosen data.")
 loaded = common.loaded_model(need_weights=True)
+source = common.data_source("calibration")
 saved = budget.current()
 
 left, middle, right = st.columns(3)
 unit_method = left.selectbox("Head / neuron scorer", importance.UNIT_METHODS, key="importance_scorer",
                              help="taylor: first-order |W·∂L/∂W| (the paper); activation: Minitron; "
                                   "magnitude: |W|, no data")
-n_samples = middle.select_slider("Calibration samples", options=[8, 16, 32, 64], value=32, key="importance_samples")
+n_samples = middle.select_slider("Calibration records", options=[8, 16, 32, 64], value=32, key="importance_samples",
+                                 help="a seeded random subset (with images) of the sidebar's data")
 sort_units = right.toggle("Sort units within each layer", value=False, key="importance_sort")
 right.caption(f"Budget from Budget & what-if: remove {saved.ratio:.0%} of the language model.")
 
 big = sum(p.numel() for p in loaded.model.parameters()) > 5e8
 if big and not st.button("Compute importance (slow for a model this size on CPU)"):
     st.stop()
-with st.spinner("Scoring on calibration samples (stored, so only the first time is slow)…"), \
+with st.spinner("Scoring on calibration records (stored, so only the first time is slow)…"), \
         common.shown_as_message():
-    layers = importance.cached_importance(loaded, "layers", "block_influence", n_samples)
-    removal = importance.cached_importance(loaded, "layers", "removal_loss", n_samples)
-    heads = importance.cached_importance(loaded, "heads", unit_method, n_samples)
-    neurons = importance.cached_importance(loaded, "neurons", unit_method, n_samples)
+    calibration = common.selection("calibration", n_samples, order="random")
+    layers = importance.cached_importance(loaded, "layers", "block_influence", calibration)
+    removal = importance.cached_importance(loaded, "layers", "removal_loss", calibration)
+    heads = importance.cached_importance(loaded, "heads", unit_method, calibration)
+    neurons = importance.cached_importance(loaded, "neurons", unit_method, calibration)
 
 removed_layers: list[int] = []
 removed_heads: set = set()
 removed_neurons: set = set()
-if prune is not None:
-    try:
-        removed_layers = prune.make_plan(loaded, "layer", ratio=saved.ratio, scores=layers).layers_removed
-        width = prune.make_plan(loaded, "width", ratio=saved.ratio, scores={"heads": heads, "neurons": neurons},
-                                scorer=unit_method)
-        removed_heads = views.removed_units(width, "heads", heads)
-        removed_neurons = views.removed_units(width, "neurons", neurons)
-    except ValueError as e:
-        st.warning(f"The budget cannot be highlighted: {common.one_line(e)}")
+try:
+    removed_layers = prune.make_plan(loaded, "layer", ratio=saved.ratio, scores=layers).layers_removed
+    width = prune.make_plan(loaded, "width", ratio=saved.ratio, scores={"heads": heads, "neurons": neurons},
+                            scorer=unit_method)
+    removed_heads = views.removed_units(width, "heads", heads)
+    removed_neurons = views.removed_units(width, "neurons", neurons)
+except ValueError as e:
+    st.warning(f"The budget cannot be highlighted: {common.one_line(e)}")
 
 st.subheader("Layers")
 st.plotly_chart(views.layer_importance_chart(layers, removal, removed_layers), key="layer_chart")
@@ -59,8 +61,8 @@ with b:
 if removed_heads or removed_neurons:
     st.caption(f"A widthwise prune of {saved.ratio:.0%} removes {len(removed_heads)} heads and "
                f"{len(removed_neurons)} neurons; the first and last layers stay whole (paper default).")
-common.measured(f"{n_samples} calibration samples from the ShapesVQA train split; scores are stored under "
-                "cache/importance.")
+common.measured(f"{calibration.describe()}, prompted with {loaded.prompt.name} (loss on the answers); "
+                "scores are stored under cache/importance.")
 with st.expander("Scores as tables"):
     st.download_button("Layer scores (CSV)", layers.to_csv(index=False), "layer_importance.csv", "text/csv")
     st.dataframe(layers, hide_index=True)

@@ -19,10 +19,12 @@ TIMEOUT = 240  # generous: the suite shares 2 busy cores; these tests assert beh
 torch.set_num_threads(1)
 
 
-def app(source: str, page: str | None = None, **state) -> AppTest:
-    """The app with ``source`` chosen, run once, switched to ``pages/<page>.py`` and run again."""
+def app(source: str, page: str | None = None, data: str | dict | None = "shapes", **state) -> AppTest:
+    """The app with ``source`` and ``data`` chosen (the tiny models speak the shapes vocabulary), run once,
+    switched to ``pages/<page>.py`` and run again."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.session_state["model_source"] = source
+    at.session_state["data_source"] = data
     for key, value in state.items():
         at.session_state[key] = value
     at.run()
@@ -45,7 +47,7 @@ def make_run(cache: Path, original: str, name: str, keep_ratio: float = 1.0) -> 
 
     recipe = Recipe.from_dict({"name": name, "model": original, "prune": {"method": "layer", "ratio": 0.3},
                                "visual_tokens": {"keep_ratio": keep_ratio, "scorer": "attention"},
-                               "eval_samples": 4})
+                               "data": {"calibration": "shapes", "eval": {"source": "shapes", "samples": 4}}})
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COMPRESSION_CACHE", str(cache))
         patch.setattr(evaluate, "latency", functools.partial(evaluate.latency, repeats=1, warmup=0, decode_tokens=2))

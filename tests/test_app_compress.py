@@ -42,10 +42,19 @@ def test_launch_list_cancel_resume_and_reconnect(tiny):
     widget(at, "Train").set_value("projector")
     widget(at, "Distillation from the original").set_value("none")
     widget(at, "Max steps (0 = one full epoch)").set_value(1)
-    widget(at, "Test questions").set_value(2)
+    widget(at, "Evaluation records (of the sidebar's data)").set_value(2)
+    widget(at, "Method").set_value("width")
+    widget(at, "Eligible layers from").set_value(0)
+    widget(at, "… up to (exclusive; 0 = default range)").set_value(2)
     at.button[0].click().run()
-    assert not at.exception and not at.error
+    # a model of one's own trains only on data one names: refused in one line until it is given
+    assert len(at.error) == 1 and at.error[0].value.startswith("recipe field data.train: missing")
+    widget(at, "Training data (recovery and calibration)").input("shapes")
+    at.button[0].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
     job_id = at.session_state["selected_job"]
+    recipe = jobs.get(job_id)["recipe"]
+    assert "layer_range:\n  - 0\n  - 2" in recipe and "method: width" in recipe
     assert job_id.startswith("ui-test-") and at.query_params["job"] == job_id
     assert at.dataframe[0].value["job"].tolist() == [job_id]
     assert jobs.get(job_id)["state"] in ("queued", "running", "succeeded")

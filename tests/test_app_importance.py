@@ -19,7 +19,8 @@ def test_layer_and_unit_importance_with_the_budget_marked(tiny):
     from compression.methods import prune
 
     loaded = models.load(tiny)
-    layers = importance.cached_importance(loaded, "layers", "block_influence", 8)  # read back from the page's store
+    calibration = importance.calibration_selection("shapes", 8)  # the page's records: a seeded subset
+    layers = importance.cached_importance(loaded, "layers", "block_influence", calibration)  # read back
     plan = prune.make_plan(loaded, "layer", ratio=0.3, scores=layers)
     removed = ", ".join(map(str, plan.layers_removed))
     assert any(f"removes layers {removed} (lowest block influence)" in c.value for c in at.caption)

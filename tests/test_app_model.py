@@ -12,9 +12,10 @@ def tiny_folder(tmp_path_factory) -> str:
     return str(save_tiny(tmp_path_factory.mktemp("tiny") / "model", "llama", "clip", layers=3))
 
 
-def run_model_page(source: str) -> AppTest:
+def run_model_page(source: str, data="shapes") -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.session_state["model_source"] = source
+    at.session_state["data_source"] = data
     return at.run()
 
 
@@ -49,14 +50,15 @@ def test_measure_button_stores_a_measurement_that_the_next_visit_reuses(tiny_fol
     at.button[0].click().run()
     assert not at.exception
     values = metrics(at)
-    accuracy = float(values["Exact-match accuracy"].rstrip("%"))
+    accuracy = float(values["Accuracy (exact match)"].rstrip("%"))
     assert 0 <= accuracy <= 100
     assert float(values["Prefill (image + question)"].split()[0]) > 0
     again = AppTest.from_file(APP, default_timeout=TIMEOUT)
     again.session_state["model_source"] = tiny_folder
+    again.session_state["data_source"] = "shapes"
     again.session_state["model_samples"] = 20
     again.run()
-    assert metrics(again)["Exact-match accuracy"] == values["Exact-match accuracy"]  # read back, not re-run
+    assert metrics(again)["Accuracy (exact match)"] == values["Accuracy (exact match)"]  # read back, not re-run
 
 
 def test_config_only_model_shows_counts_but_no_measurement():
@@ -108,3 +110,47 @@ def test_typed_folder_becomes_the_source(tiny_folder):
     assert at.session_state["model_source"] == tiny_folder
     assert not at.exception and not at.error
     assert at.sidebar.radio(key="picker_kind").value == "Local folder"
+
+
+def test_the_source_radio_keeps_the_chosen_kind_across_pages(tiny_folder):
+    at = run_model_page(tiny_folder)
+    assert at.sidebar.radio(key="picker_kind").value == "Local folder"
+    for page in ("budget", "importance", "compress"):
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception
+        assert at.sidebar.radio(key="picker_kind").value == "Local folder", page
+        assert at.sidebar.text_input(key="picker_folder").value == tiny_folder, page
+        assert f"Using `{tiny_folder}`" in " ".join(c.value for c in at.sidebar.caption)
+
+
+def test_a_users_model_waits_for_its_data_then_measures_on_it(tiny_folder, tmp_path, monkeypatch):
+    from tests.tiny import write_llava_dataset
+    from ui import measure
+
+    monkeypatch.setattr(measure, "LATENCY_REPEATS", 1)
+    monkeypatch.setattr(measure, "LATENCY_WARMUP", 0)
+    data = write_llava_dataset(tmp_path, n=4, multi_turn=False, name="test.json")
+    at = run_model_page(tiny_folder, data=None)
+    assert not at.exception, [e.stack_trace for e in at.exception]
+    assert not at.error
+    assert any("Pick the data to measure" in i.value for i in at.info)  # never shapes, silently
+    assert not [b for b in at.button if "Measure" in b.label]
+    at.sidebar.radio(key="data_kind").set_value("LLaVA JSON + image folder").run()
+    at.sidebar.text_input(key="data_path").input(str(data)).run()
+    assert at.session_state["data_source"] == {"path": str(data)}
+    assert not at.exception and not at.error
+    at.select_slider(key="model_samples").set_value(20).run()
+    [button] = [b for b in at.button if "Measure" in b.label]
+    button.click().run()
+    assert not at.exception
+    assert "4 records of test.json" in " ".join(c.value for c in at.caption)
+    assert any(m.value.startswith("**Question**") and "what colour is the square?" in m.value for m in at.markdown)
+    at.switch_page("pages/token_maps.py").run()  # the data choice survives a page switch
+    assert at.session_state["data_source"] == {"path": str(data)}
+    assert at.sidebar.radio(key="data_kind").value == "LLaVA JSON + image folder"
+
+
+def test_bad_data_is_one_line_on_the_page(tiny_folder, tmp_path):
+    at = run_model_page(tiny_folder, data={"path": str(tmp_path / "missing.json")})
+    assert not at.exception
+    assert len(at.error) == 1 and "missing.json does not exist" in at.error[0].value

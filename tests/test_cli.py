@@ -30,11 +30,12 @@ def run_cli(*args):
 
 
 def test_eval_json_keys(tiny_folder, capsys):
-    assert run_cli("eval", "--model", str(tiny_folder), "--samples", "5", "--json") == 0
+    assert run_cli("eval", "--model", str(tiny_folder), "--data", "shapes", "--samples", "5", "--json") == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("accuracy", "per_type", "params_total", "params_language", "size_bytes", "prefill_ms",
-                "decode_tokens_per_s"):
+                "decode_tokens_per_s", "metric", "data", "prompt"):
         assert key in out
+    assert out["data"] == "5 records of ShapesVQA (test)" and out["samples"] == 5
     assert out["prefill_ms"] > 0 and 0 <= out["accuracy"] <= 1 and out["params_language"] < out["params_total"]
 
 
@@ -58,10 +59,19 @@ def test_bad_input_exits_2_with_one_line(tiny_folder, image, tmp_path, capsys):
     unsupported = tmp_path / "unsupported"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    (tmp_path / "folder.png").mkdir()
     cases = [
-        (["eval", "--model", str(tmp_path / "missing")], "does not exist"),
-        (["eval", "--model", str(unsupported)], "unsupported architecture 'whisper'"),
+        (["eval", "--model", str(tmp_path / "missing"), "--data", "shapes"], "does not exist"),
+        (["eval", "--model", str(unsupported), "--data", "shapes"], "unsupported architecture 'whisper'"),
         (["eval", "--model", str(tiny_folder), "--samples", "0"], "--samples 0 must be at least 1"),
+        (["eval", "--model", str(tiny_folder)], "--data is required for model"),
+        (["eval", "--model", str(tiny_folder), "--data", str(tmp_path / "nope.json")], "nope.json does not exist"),
+        (["ask", "--model", str(tiny_folder), "--image", str(tmp_path / "folder.png"), "--question", "what ?"],
+         "folder.png is a folder"),
+        (["ask", "--model", str(tiny_folder), "--image", str(image), "--question", "what <image> is it ?"],
+         "contains the image token '<image>'"),
+        (["ask", "--model", str(tiny_folder), "--image", str(image), "--question", "what " * 200],
+         "the model accepts at most 64 (max_position_embeddings)"),
         (["ask", "--model", str(tiny_folder), "--image", str(tmp_path / "notes.png"), "--question", "what ?"],
          "notes.png is not a readable image"),
         (["ask", "--model", str(tiny_folder), "--image", str(tmp_path / "corrupt.png"), "--question", "what ?"],
@@ -69,7 +79,7 @@ def test_bad_input_exits_2_with_one_line(tiny_folder, image, tmp_path, capsys):
         (["ask", "--model", str(tiny_folder), "--image", str(tmp_path / "gone.png"), "--question", "what ?"],
          "gone.png does not exist"),
         (["ask", "--model", str(tiny_folder), "--image", str(image), "--question", "  "], "--question is empty"),
-        (["eval", "--model", "config:llava-1.5-7b"], "is config-only"),
+        (["eval", "--model", "config:llava-1.5-7b", "--data", "shapes"], "is config-only"),
     ]
     for argv, message in cases:
         assert run_cli(*argv) == 2, argv

@@ -1,15 +1,18 @@
-"""The one evaluation path: exact match, per-type figures, sizes, interleaved latency."""
+"""The one evaluation path: scoring by the data's metric, per-type figures, sizes, interleaved latency."""
 import torch
 
-from compression.data import shapes as data
-from compression.measure import evaluate
 from compression import models
-from tests.tiny import save_tiny, tiny_llava
+from compression.data.records import record_from
+from compression.data.sources import open_source, select
+from compression.measure import evaluate
+from tests.tiny import save_tiny, shapes_records, tiny_llava, tiny_loaded
 
 
-def test_normalize_answer():
-    assert evaluate.normalize_answer(" Top-Left. ") == "top-left"
+def test_normalize_answer_is_vqa_style():
+    assert evaluate.normalize_answer(" Top-Left. ") == "top left"
     assert evaluate.normalize_answer("Yes!") == "yes"
+    assert evaluate.normalize_answer("Two dogs.") == "2 dogs"
+    assert evaluate.normalize_answer("The red one") == "red 1"
 
 
 def _answer_ids_fn(processor, answers):
@@ -26,26 +29,48 @@ def _answer_ids_fn(processor, answers):
 
 
 def test_accuracy_counts_exact_matches_per_type():
-    model, processor, _ = tiny_llava()
-    samples = data.load_split("test", 40)
+    loaded = tiny_loaded()
+    records = shapes_records("test", 40)
     wrong = {3, 7, 8, 20, 31}  # a chosen set of wrong answers
-    answers = [("zero" if s.answer != "zero" else "one") if i in wrong else s.answer for i, s in enumerate(samples)]
-    result = evaluate.accuracy(model, processor, samples, batch_size=16,
-                               generate_fn=_answer_ids_fn(processor, answers))
-    assert result.n == 40
+    answers = [("zero" if r.answer != "zero" else "one") if i in wrong else r.answer for i, r in enumerate(records)]
+    result = evaluate.accuracy(loaded, records, batch_size=16, generate_fn=_answer_ids_fn(loaded.processor, answers))
+    assert result.n == 40 and result.metric == "exact_match"
     assert result.accuracy == (40 - len(wrong)) / 40
     for qtype, acc in result.per_type.items():
-        idx = [i for i, s in enumerate(samples) if s.qtype == qtype]
+        idx = [i for i, r in enumerate(records) if r.type == qtype]
         assert acc == sum(i not in wrong for i in idx) / len(idx)
-    assert result.predictions[3] in ("zero", "one") and result.predictions[0] == samples[0].answer
+    assert result.predictions[3] in ("zero", "one") and result.predictions[0] == records[0].answer
+
+
+def test_metric_follows_the_data_yes_no_and_multiple_choice():
+    loaded = tiny_loaded()
+    image = shapes_records("test", 1)[0].images[0]
+    yes_no = [record_from(i, "is there a red circle ?", a, image) for i, a in enumerate(["yes", "no", "yes", "no"])]
+    result = evaluate.accuracy(loaded, yes_no, generate_fn=_answer_ids_fn(loaded.processor, ["yes", "yes", "no", "no"]))
+    # truth y n y n, said y y n n: tp 1, fp 1, fn 1
+    assert result.metric == "yes_no" and result.accuracy == 0.5
+    assert result.details["precision"] == 0.5 and result.details["recall"] == 0.5 and result.details["yes_ratio"] == 0.5
+    choices = [record_from(i, "what shape is at the top-left ?", a, image, choices=["circle", "square", "triangle"])
+               for i, a in enumerate(["A", "square", "2"])]
+    seen = []
+
+    def spy(model, inputs, max_new_tokens):
+        seen.append(loaded.processor.tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True))
+        return _answer_ids_fn(loaded.processor, ["circle", "triangle", "triangle"])(model, inputs, max_new_tokens)
+
+    result = evaluate.accuracy(loaded, choices, generate_fn=spy)
+    # answers A, square (= B), 2 (= C); said circle (A), triangle (C), triangle (C): right, wrong, right
+    assert result.metric == "multiple_choice" and result.accuracy == 2 / 3
+    # the options are rendered into the prompt (the reference tokenizer lower-cases and drops what it lacks)
+    assert "circle" in seen[0] and "triangle" in seen[0] and "square" in seen[0]
 
 
 def test_batched_answers_equal_one_at_a_time():
-    model, processor, _ = tiny_llava("mistral")
-    samples = data.load_split("test", 6)
-    batched = evaluate.generate_answers(model, processor, [s.image for s in samples], [s.question for s in samples],
-                                        max_new_tokens=3, batch_size=6)
-    single = [evaluate.generate_answers(model, processor, [s.image], [s.question], max_new_tokens=3)[0] for s in samples]
+    loaded = tiny_loaded("mistral")
+    records = shapes_records("test", 6)
+    images, questions = [r.images[0] for r in records], [r.question for r in records]
+    batched = evaluate.answer_questions(loaded, images, questions, max_new_tokens=3)
+    single = [evaluate.answer_questions(loaded, [im], [q], max_new_tokens=3)[0] for im, q in zip(images, questions)]
     assert batched == single
 
 
@@ -56,14 +81,16 @@ def test_sizes_are_the_stored_bytes(tmp_path):
     assert models.tensor_bytes(loaded.model) >= 4 * n
     on_disk = evaluate.size_bytes(loaded.model, folder)
     assert 4 * n <= on_disk < 4 * n + 100_000  # fp32 tensors plus the safetensors header
-    report = evaluate.evaluate(loaded, data.load_split("test", 8), measure_latency=False)
+    report = evaluate.evaluate(loaded, select(open_source("shapes"), samples=8), measure_latency=False)
     assert report.params_total == n and report.size_bytes == on_disk and report.prefill_ms is None
     assert 0 <= report.accuracy <= 1 and report.samples == 8
+    assert report.data == "8 records of ShapesVQA (test)" and "no chat template" in report.prompt
 
 
 def test_latency_is_interleaved_medians():
     a, processor, _ = tiny_llava(layers=1)
     b, _, _ = tiny_llava(layers=3)
+    inputs = evaluate.latency_inputs(tiny_loaded(layers=1), shapes_records("test", 1)[0])
     calls = []
     original = evaluate._time_one
 
@@ -73,7 +100,7 @@ def test_latency_is_interleaved_medians():
 
     evaluate._time_one = spy
     try:
-        result = evaluate.latency({"a": a, "b": b}, processor, repeats=3, warmup=1, decode_tokens=4)
+        result = evaluate.latency({"a": a, "b": b}, inputs, repeats=3, warmup=1, decode_tokens=4)
     finally:
         evaluate._time_one = original
     assert calls == [a, b] * 4  # warm-up then repeats, alternating

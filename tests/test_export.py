@@ -34,7 +34,8 @@ def runs(tmp_path_factory):
     made = {}
     for name, prune in [("uniform", {"method": "layer", "ratio": 0.3}),
                         ("nonuniform", {"method": "width", "ratio": 0.3, "layer_range": [1, 3]})]:
-        recipe = Recipe.from_dict({"name": name, "model": str(folder), "prune": prune, "eval_samples": 4})
+        recipe = Recipe.from_dict({"name": name, "model": str(folder), "prune": prune,
+                                   "data": {"calibration": "shapes", "eval": {"source": "shapes", "samples": 4}}})
         old = os.environ.get("COMPRESSION_CACHE")
         os.environ["COMPRESSION_CACHE"] = str(root / "cache")
         try:
@@ -57,7 +58,8 @@ def test_export_reloads_in_a_fresh_process_and_carries_everything(runs, tmp_path
     assert not [f for f in files if f.endswith(export.PICKLE_SUFFIXES)]
     assert ("modeling_llava_pruned.py" in files) == remote_code
     card = (out / "README.md").read_text()
-    assert "| accuracy (exact match) |" in card and "| parameters |" in card
+    assert "| accuracy |" in card and "| parameters |" in card
+    assert "Accuracy (exact match) on 4 records of ShapesVQA (test)" in card and "no chat template" in card
     assert ("trust_remote_code=True" in card) == remote_code
     metrics = json.loads((out / "metrics.json").read_text())
     assert f"{metrics['compressed']['params_total']:,}" in card
@@ -73,7 +75,8 @@ def test_a_changed_export_fails_the_fresh_process_check(runs, tmp_path):
     key = next(k for k in weights if "lm_head" in k)
     weights[key] = weights[key] + 0.1
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    assert export.verify_export(runs["uniform"] / "model", out, remote_code=False) > 1e-2
+    difference, _ = export.verify_export(runs["uniform"] / "model", out, remote_code=False)
+    assert difference > 1e-2
 
 
 def test_refuses_to_overwrite_unless_asked(runs, tmp_path):

@@ -10,8 +10,8 @@ from torch import nn
 
 from compression.methods import importance
 from compression import models
-from compression.methods.importance import (SCORERS, cached_importance, calibration_batches, calibration_samples,
-                                    coupled_groups, layer_importance, unit_importance)
+from compression.methods.importance import (SCORERS, cached_importance, calibration_batches, calibration_selection,
+                                           coupled_groups, layer_importance, unit_importance)
 from tests.tiny import tiny_llava
 
 
@@ -22,7 +22,7 @@ def _loaded(language="llama", vision="clip", **kwargs) -> models.LoadedModel:
 
 @pytest.fixture(scope="module")
 def samples():
-    return calibration_samples(6)
+    return calibration_selection("shapes", 6).records
 
 
 def test_block_influence_matches_hand_computation(samples):
@@ -31,7 +31,7 @@ def test_block_influence_matches_hand_computation(samples):
     assert list(frame.columns) == ["layer", "score", "method"] and len(frame) == 3
     # by hand: hidden states of every layer boundary, with the final norm removed so that the
     # last entry is the raw output of the last layer
-    batches = calibration_batches(loaded.processor, samples)
+    batches = calibration_batches(loaded.prompt, samples)
     language = loaded.model.model.language_model
     norm, language.norm = language.norm, nn.Identity()
     sums, count = torch.zeros(3, dtype=torch.float64), 0
@@ -64,12 +64,12 @@ def test_an_identity_layer_scores_zero_on_both_layer_methods(samples):
 def test_taylor_matches_hand_computed_gradients_with_gqa_share(samples):
     loaded = _loaded("llama", "clip", num_key_value_heads=2)  # 4 heads, groups of 2
     # three mini-batches of 2: their token-weighted gradients must sum to the full batch's
-    mini = calibration_batches(loaded.processor, samples, batch_size=2)
+    mini = calibration_batches(loaded.prompt, samples, batch_size=2)
     frame = unit_importance(loaded, mini, "heads", "taylor")
     neurons = unit_importance(loaded, mini, "neurons", "taylor")
     model, anatomy = loaded.model, loaded.anatomy
     # the same loss by hand: mean answer-token cross-entropy over every sample, one backward
-    batches = calibration_batches(loaded.processor, samples, batch_size=len(samples))
+    batches = calibration_batches(loaded.prompt, samples, batch_size=len(samples))
     model.zero_grad()
     model(**batches[0]).loss.backward()
     attn = anatomy.decoder_layers(model)[2].self_attn
@@ -100,7 +100,7 @@ def test_taylor_asks_gradients_only_of_scored_weights_and_frees_them(samples):
     loaded = _loaded()
     model = loaded.model
     groups = coupled_groups(model, loaded.anatomy, "neurons")
-    importance._accumulate_gradients(model, groups, calibration_batches(loaded.processor, samples))
+    importance._accumulate_gradients(model, groups, calibration_batches(loaded.prompt, samples))
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(".mlp." in n for n in with_grad)
     assert all(p.requires_grad for p in model.parameters())  # restored afterwards
@@ -141,20 +141,23 @@ def test_scorers_share_one_call_signature():
 
 def test_cached_importance_is_stored_and_reused(monkeypatch):
     loaded = _loaded()
-    first = cached_importance(loaded, "heads", "magnitude", n_samples=2)
-    path = importance.importance_path(loaded, "heads", "magnitude", 2)
-    assert path.name == "tiny-llama-clip-shapes-heads-magnitude-2.csv" and path.is_file()
+    calibration = calibration_selection("shapes", 2)
+    first = cached_importance(loaded, "heads", "taylor", calibration)
+    path = importance.importance_path(loaded, "heads", "taylor", calibration)
+    assert path.name == f"tiny-llama-clip-{calibration.fingerprint()}-heads-taylor.csv" and path.is_file()
+    # another selection of the same data is another calibration set: another file
+    assert importance.importance_path(loaded, "heads", "taylor", calibration_selection("shapes", 2, seed=1)) != path
 
     def boom(*args, **kwargs):
         raise AssertionError("recomputed instead of read from the cache")
 
     monkeypatch.setattr(importance, "unit_importance", boom)
-    second = cached_importance(loaded, "heads", "magnitude", n_samples=2)
+    second = cached_importance(loaded, "heads", "taylor", calibration)
     assert second.equals(first)
     with pytest.raises(ValueError, match="does not score layers"):
-        cached_importance(loaded, "layers", "taylor")
-    with pytest.raises(ValueError, match="neither 'shapes' nor"):
-        cached_importance(loaded, "heads", "magnitude", data_source="/nonexistent.json")
+        cached_importance(loaded, "layers", "taylor", calibration)
+    with pytest.raises(ValueError, match="taylor importance needs calibration data"):
+        cached_importance(loaded, "heads", "taylor")
 
 
 def test_cli_analyze(tmp_path, capsys):
@@ -162,15 +165,17 @@ def test_cli_analyze(tmp_path, capsys):
     from tests.tiny import save_tiny
 
     folder = save_tiny(tmp_path / "m", "phi", "clip", num_key_value_heads=4)
-    assert cli.main(["analyze", "--model", str(folder), "--kind", "layers", "--samples", "2", "--json"]) == 0
+    assert cli.main(["analyze", "--model", str(folder), "--kind", "layers", "--samples", "2", "--data", "shapes",
+                     "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["kind"] == "layers" and payload["method"] == "block_influence" and len(payload["scores"]) == 3
+    assert payload["data"] == "2 records of ShapesVQA (train)" and payload["samples"] == 2
     assert {"layer", "score"} <= set(payload["scores"][0])
     assert cli.main(["analyze", "--model", str(folder), "--kind", "heads", "--method", "magnitude", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["scores"]
     assert len(rows) == 12 and {"layer", "head", "score"} <= set(rows[0])
     for argv in (["--kind", "layers", "--method", "taylor"], ["--kind", "heads", "--samples", "0"],
-                 ["--kind", "tokens"]):
+                 ["--kind", "tokens"], ["--kind", "layers"]):  # the last: no --data for a model of one's own
         assert cli.main(["analyze", "--model", str(folder), *argv]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
     assert cli.main(["analyze", "--model", "config:llava-1.5-7b", "--kind", "layers"]) == 2

@@ -48,9 +48,9 @@ def recipe_for(folder: Path, steps: int, name: str = "tiny", checkpoint_every: i
     return Recipe.from_dict({
         "name": name, "model": str(folder),
         "prune": {"method": "layer", "ratio": 0.3},
-        "recovery": {"mode": "lora", "distillation": "logits", "data_fraction": 0.005, "batch_size": 4,
+        "recovery": {"mode": "lora", "distillation": "logits", "batch_size": 4,
                      "epochs": 3, "max_steps": steps, "learning_rate": 5e-3, "checkpoint_every": checkpoint_every},
-        "eval_samples": 8})
+        "data": {"train": {"source": "shapes", "fraction": 0.005}, "eval": {"source": "shapes", "samples": 8}}})
 
 
 def wait_for(predicate, timeout=600, poll=0.1):

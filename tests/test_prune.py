@@ -11,10 +11,9 @@ import torch
 
 from compression.data import shapes as data
 from compression import models
-from compression.measure.evaluate import encode
 from compression.methods.prune import apply_plan, load_plan, make_plan, save_pruned
 from compression.models.pruned import LlavaPrunedForConditionalGeneration
-from tests.tiny import LANGUAGES, VISIONS, tiny_llava
+from tests.tiny import LANGUAGES, VISIONS, encode, tiny_llava
 
 
 def _inputs(processor, n: int = 1):

@@ -8,7 +8,7 @@ from compression.data import shapes as data
 from compression.measure import evaluate
 from compression import models
 from compression.methods import quantize
-from tests.tiny import tiny_llava
+from tests.tiny import encode, generate_answers, tiny_llava
 
 QUESTIONS = ["how many red shapes are there ?", "what color is the circle ?", "is there a red square ?"]
 
@@ -20,7 +20,7 @@ def batch():
 
 def _logits(model, processor, batch):
     with torch.no_grad():
-        return model(**evaluate.encode(processor, *batch)).logits
+        return model(**encode(processor, *batch)).logits
 
 
 # ------------------------------------------------------------------------------------------ fake quantization
@@ -78,7 +78,7 @@ def test_bnb_quantized_model_answers_and_round_trips(fmt, batch, tmp_path):
     logits = _logits(model, processor, batch)
     # close to floating point: int8 within ~2 %, nf4 within ~30 % of the mean logit magnitude
     assert (logits - base).abs().mean() < (0.02 if fmt == "int8" else 0.3) * base.abs().mean()
-    answers = evaluate.generate_answers(model, processor, *batch)
+    answers = generate_answers(model, processor, *batch)
     assert len(answers) == len(QUESTIONS) and all(isinstance(a, str) and a for a in answers)
 
     folder = quantize.save_quantized(model, processor, tmp_path / fmt, fmt)
@@ -89,7 +89,7 @@ def test_bnb_quantized_model_answers_and_round_trips(fmt, batch, tmp_path):
     loaded = models.load(str(folder))
     quantize.prepare_bnb_for_cpu(loaded.model)  # tiny down_proj (in 96) does not fit the AVX512 NF4 kernel
     assert quantize.quantization_format(loaded.model) == fmt
-    assert evaluate.generate_answers(loaded.model, loaded.processor, *batch) == answers
+    assert generate_answers(loaded.model, loaded.processor, *batch) == answers
 
 
 def test_nf4_cpu_kernel_shape_check():

@@ -10,7 +10,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 def test_defaults_follow_the_paper():
     r = Recipe.from_yaml("prune: {method: layer, ratio: 0.3}\nrecovery: {mode: full, distillation: hidden}\n")
-    assert r.recovery.data_fraction == 0.05
+    assert r.data.train.fraction == 0.05 and r.data.calibration.samples == 10 and r.data.eval.samples == 500
+    assert r.data.train.source == r.data.eval.source == "shapes"  # the reference model's own data
     assert r.recovery.temperature == 2.0
     assert r.prune.scorer == "block_influence"
     assert Recipe.from_yaml("prune: {method: width, ratio: 0.3}\n").prune.scorer == "taylor"
@@ -20,8 +21,14 @@ def test_defaults_follow_the_paper():
 @pytest.mark.parametrize("text, field, expected", [
     ("recovery: {mode: lorax}", "recovery.mode", "'none', 'projector', 'lora', 'full'"),
     ("recovery: {distillation: kl}", "recovery.distillation", "'hidden+logits'"),
-    ("recovery: {data_fraction: 0}", "recovery.data_fraction", "> 0"),
-    ("recovery: {data_fraction: 1.5}", "recovery.data_fraction", "<= 1"),
+    ("data: {train: {source: shapes, fraction: 0}}", "data.train.fraction", "> 0"),
+    ("data: {train: {source: shapes, fraction: 1.5}}", "data.train.fraction", "<= 1"),
+    ("data: {train: {source: shapes, fraction: 0.1, samples: 5}}", "data.train.fraction", "either samples or"),
+    ("data: {eval: {source: shapes, metric: bleu}}", "data.eval.metric", "'multiple_choice'"),
+    ("data: {eval: {source: {path: x.json, colour: red}}}", "data.eval.source", "image_root"),
+    ("data: {test: shapes}", "data.test", "'eval'"),
+    ("model: /my/llava\nrecovery: {mode: full}\ndata: {eval: my.json}", "data.train", "a data source for recovery"),
+    ("model: /my/llava\nprune: {method: layer, ratio: 0.3}", "data.eval", "a data source to evaluate"),
     ("recovery: {epochs: 1.5}", "recovery.epochs", "an integer"),
     ("recovery: {alpha: -0.1}", "recovery.alpha", ">= 0"),
     ("recovery: {hidden_layers: all}", "recovery.hidden_layers", "'kept'"),
@@ -35,7 +42,7 @@ def test_defaults_follow_the_paper():
     ("quantize: int4", "quantize", "'none', 'int8', 'nf4'"),
     ("visual_tokens: {keep_ratio: 0}", "visual_tokens.keep_ratio", "> 0"),
     ("visual_tokens: {scorer: magic}", "visual_tokens.scorer", "'attention'"),
-    ("eval_samples: zero", "eval_samples", "an integer"),
+    ("data: {eval: {source: shapes, samples: zero}}", "data.eval.samples", "an integer"),
     ("name: ../escape", "name", "a plain name"),
     ("colour: red", "colour", "'recovery'"),
 ])
@@ -66,6 +73,28 @@ def test_yaml_round_trip_is_exact():
     assert again == r
     assert again.recovery.hidden_layers == {8: 6, 4: 3}
     assert again.prune.layer_range == (3, 7)
+
+
+def test_a_user_model_names_its_data_and_calibration_follows_training(tmp_path):
+    train, test = tmp_path / "train.json", tmp_path / "test.json"
+    r = Recipe.from_yaml(f"model: /my/llava\nprune: {{method: width, ratio: 0.3}}\nrecovery: {{mode: lora}}\n"
+                         f"data:\n  train: {{source: {train}, fraction: 0.004}}\n"
+                         f"  eval: {{source: {{path: {test}, image_root: {tmp_path}}}, samples: 50}}\n")
+    assert r.data.calibration.source == str(train) and r.data.calibration.samples == 10
+    assert r.data.train.fraction == 0.004  # kept as given, not rounded
+    assert r.data.eval.source == {"path": str(test), "image_root": str(tmp_path)}
+    assert Recipe.from_yaml(r.to_yaml()) == r
+    # magnitude needs no data: a prune-only recipe names only what it evaluates on
+    assert Recipe.from_yaml(f"model: /my/llava\nprune: {{method: width, ratio: 0.3, scorer: magnitude}}\n"
+                            f"data: {{eval: {test}}}\n").data.calibration is None
+
+
+def test_relative_paths_are_resolved_where_the_recipe_is_read(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    r = Recipe.from_yaml("model: reference\ndata: {eval: data/test.json}\n")
+    assert r.data.eval.source == str(tmp_path / "data" / "test.json")  # a job runs from the repository root
 
 
 def test_scorer_names_match_the_importance_module():

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression.data import shapes as data
 from compression.methods import recover
-from tests.tiny import tiny_llava
+from compression.models.prompting import prompt_format
+from tests.tiny import shapes_records, tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,8 +34,8 @@ def tiny():
 
 def test_labels_cover_the_answer_and_eos_only(tiny):
     model, processor, anatomy = tiny
-    samples = data.load_split("train", 4)
-    batch = recover.encode_for_training(processor, samples)
+    samples = shapes_records("train", 4)
+    batch = recover.encode_for_training(prompt_format(processor), samples)
     tok = processor.tokenizer
     for i, s in enumerate(samples):
         labelled = batch["labels"][i][batch["labels"][i] != -100].tolist()
@@ -119,7 +119,7 @@ def test_lora_merge_gives_the_same_outputs(tiny):
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    batch = recover.encode_for_training(processor, data.load_split("train", 3))
+    batch = recover.encode_for_training(prompt_format(processor), shapes_records("train", 3))
     batch.pop("labels")
     peft_model.eval()
     with torch.no_grad():
@@ -136,17 +136,18 @@ def test_lora_merge_gives_the_same_outputs(tiny):
 @pytest.mark.parametrize("mode, distillation, factor", [("projector", "none", 0.95), ("full", "hidden+logits", 0.7)])
 def test_training_lowers_the_loss(tiny, mode, distillation, factor):
     model, processor, anatomy = tiny
-    samples = data.load_split("train", 8)
+    samples = shapes_records("train", 8)
     config = recover.RecoveryConfig(mode=mode, distillation=distillation, batch_size=8, epochs=12,
                                     learning_rate=1e-2, hidden_layers={3: 3}, warmup_ratio=0.0)
-    result = recover.recover(copy.deepcopy(model), anatomy, processor, samples, config, teacher=model)
+    result = recover.recover(copy.deepcopy(model), anatomy, prompt_format(processor), samples, config, teacher=model)
     assert result.steps == 12 and len(result.losses) == 12
     assert result.losses[-1] < factor * result.losses[0]
 
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny, tmp_path):
     model, processor, anatomy = tiny
-    samples = data.load_split("train", 24)
+    samples = shapes_records("train", 24)
+    processor = prompt_format(processor)  # what recover prompts with
 
     def config(ckpt):
         return recover.RecoveryConfig(mode="lora", distillation="logits", batch_size=4, epochs=1,
@@ -178,16 +179,16 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     torch.set_num_threads(1)
     from accelerate import Accelerator
-    from compression.data import shapes as data
     from compression.methods import recover
-    from tests.tiny import tiny_llava
+    from compression.models.prompting import prompt_format
+    from tests.tiny import shapes_records, tiny_llava
     out = sys.argv[1]
     model, processor, anatomy = tiny_llava(seed=0)
     accelerator = Accelerator(cpu=True)
     config = recover.RecoveryConfig(mode="full", distillation="logits", batch_size=8, epochs=1,
                                     learning_rate=1e-2, max_steps=3, seed=0)
-    samples = data.load_split("train", 32)
-    result = recover.recover(copy.deepcopy(model), anatomy, processor, samples, config, teacher=model,
+    samples = shapes_records("train", 32)
+    result = recover.recover(copy.deepcopy(model), anatomy, prompt_format(processor), samples, config, teacher=model,
                              accelerator=accelerator)
     rank = accelerator.process_index
     torch.save({{"state": result.model.state_dict(), "losses": result.losses,
@@ -220,7 +221,7 @@ def test_two_cpu_processes_gloo_end_with_identical_weights(tmp_path, tiny):
     # Adam's sign on near-zero gradients) the full batch's, so training follows nearly the same path.
     config = recover.RecoveryConfig(mode="full", distillation="logits", batch_size=8, epochs=1,
                                     learning_rate=1e-2, max_steps=3, seed=0)
-    single = recover.recover(copy.deepcopy(model), tiny[2], tiny[1], data.load_split("train", 32), config,
+    single = recover.recover(copy.deepcopy(model), tiny[2], prompt_format(tiny[1]), shapes_records("train", 32), config,
                              teacher=model)
     assert single.losses[:2] == pytest.approx(r0["losses"][:2], rel=1e-3)
     assert single.losses == pytest.approx(r0["losses"], rel=2e-2)

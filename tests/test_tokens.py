@@ -9,7 +9,7 @@ from compression.data import shapes as data
 from compression.measure import evaluate
 from compression.methods import tokens
 from compression.models import LoadedModel
-from tests.tiny import tiny_llava
+from tests.tiny import encode, generate_answers, tiny_llava
 
 # Different lengths on purpose: the batch is left-padded.
 QUESTIONS = ["how many red shapes are there ?", "what color is the circle ?", "is there a red square ?",
@@ -89,9 +89,9 @@ def test_pruning_config_rejects_bad_values_and_maps_recipe_names():
 def test_keep_all_gives_the_same_answers_as_plain_generate(llama_clip, batch):
     model, processor, _ = llama_clip
     images, questions = batch
-    plain = evaluate.generate_answers(model, processor, images, questions)
+    plain = generate_answers(model, processor, images, questions)
     for scorer, positions in (("none", "contiguous"), ("hybrid", "contiguous"), ("none", "original")):
-        pruned = evaluate.generate_answers(model, processor, images, questions,
+        pruned = generate_answers(model, processor, images, questions,
                                            generate_fn=tokens.make_generate_fn(1.0, scorer, positions=positions))
         assert pruned == plain
 
@@ -100,7 +100,7 @@ def test_keep_all_gives_the_same_answers_as_plain_generate(llama_clip, batch):
 def test_pruning_keeps_exactly_k_tokens_in_order(llama_clip, batch, scorer):
     model, processor, anatomy = llama_clip
     images, questions = batch
-    inputs = evaluate.encode(processor, images, questions)
+    inputs = encode(processor, images, questions)
     assert (inputs["attention_mask"] == 0).any(), "the batch should be left-padded"
     merged = tokens.merge_inputs(model, inputs)
     pruned = tokens.prune_visual_tokens(model, inputs, tokens.TokenPruningConfig(0.5, scorer))
@@ -120,7 +120,7 @@ def test_pruning_keeps_exactly_k_tokens_in_order(llama_clip, batch, scorer):
 def test_original_positions_keep_the_dense_position_ids(llama_clip, batch):
     model, processor, anatomy = llama_clip
     images, questions = batch
-    inputs = evaluate.encode(processor, images, questions)
+    inputs = encode(processor, images, questions)
     pruned = tokens.prune_visual_tokens(model, inputs, tokens.TokenPruningConfig(0.5, "random", positions="original"))
     mask = inputs["attention_mask"]
     dense = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -137,20 +137,20 @@ def test_original_positions_keep_the_dense_position_ids(llama_clip, batch):
 def test_pruned_answer_path_on_siglip_and_latency_inputs(batch):
     model, processor, anatomy = tiny_llava("qwen2", "siglip")
     images, questions = batch
-    answers = evaluate.generate_answers(model, processor, images, questions,
+    answers = generate_answers(model, processor, images, questions,
                                         generate_fn=tokens.make_generate_fn(0.25, "hybrid"))
     assert len(answers) == len(questions) and all(isinstance(a, str) for a in answers)
     kwargs = tokens.make_inputs_fn(0.5, "semantic", semantic="similarity")(
-        model, evaluate.encode(processor, images[:1], questions[:1]))
+        model, encode(processor, images[:1], questions[:1]))
     assert set(kwargs) == {"inputs_embeds", "attention_mask", "position_ids"}  # default: original positions
-    dense = evaluate.encode(processor, images[:1], questions[:1])["input_ids"].shape[1]
+    dense = encode(processor, images[:1], questions[:1])["input_ids"].shape[1]
     assert kwargs["inputs_embeds"].shape[1] == dense - anatomy.visual_tokens // 2
     assert model(**kwargs).logits.shape[1] == kwargs["inputs_embeds"].shape[1]
 
 
 def test_random_scorer_is_seeded(llama_clip, batch):
     model, processor, _ = llama_clip
-    inputs = evaluate.encode(processor, *batch)
+    inputs = encode(processor, *batch)
     config = tokens.TokenPruningConfig(0.5, "random", seed=3)
     first = tokens.prune_visual_tokens(model, inputs, config, torch.Generator().manual_seed(3)).kept
     again = tokens.prune_visual_tokens(model, inputs, config, torch.Generator().manual_seed(3)).kept
@@ -192,10 +192,10 @@ def test_pruning_works_on_a_pruned_exported_model(batch, tmp_path):
     loaded = models.load(str(prune.save_pruned(pruned_model, processor, tmp_path / "pruned", plan)))
     assert loaded.model.config.model_type == "llava_pruned"
     images, questions = batch
-    plain = evaluate.generate_answers(loaded.model, loaded.processor, images, questions)
-    assert evaluate.generate_answers(loaded.model, loaded.processor, images, questions,
+    plain = generate_answers(loaded.model, loaded.processor, images, questions)
+    assert generate_answers(loaded.model, loaded.processor, images, questions,
                                      generate_fn=tokens.make_generate_fn(1.0, "none")) == plain
-    answers = evaluate.generate_answers(loaded.model, loaded.processor, images, questions,
+    answers = generate_answers(loaded.model, loaded.processor, images, questions,
                                         generate_fn=tokens.make_generate_fn(0.5, "hybrid"))
     assert len(answers) == len(questions)
     assert tokens.analyze_tokens(loaded, images[0], questions[0], layer=3)["grid"] == [2, 2]

@@ -8,7 +8,7 @@ Huang et al., "Investigating Structural Pruning and Recovery Techniques for Comp
 - 15-30 % -> layerwise + SFT with hidden-state L2 distillation ("SFT + L2 KD");
 - beyond 30 % (the paper measures 45 % and 60 %) -> widthwise + SFT + L2 KD, with more data.
 
-``recipe_for`` turns the advice into a :class:`compression.runs.recipe.Recipe` to prefill the
+``recipe_for`` turns the advice into a raw recipe (validated by :class:`compression.runs.recipe.Recipe`) to prefill the
 Compress form. No streamlit here.
 """
 from __future__ import annotations
@@ -73,14 +73,20 @@ def decision_flow(ratio: float, data_fraction: float = 0.05, compute: Compute = 
                   "(paper: 84.0 % kept at 45 % and 78.1 % at 60 % widthwise on LLaVA-1.5-7B).")
 
 
-def recipe_for(source: str, ratio: float, advice: Advice, eval_samples: int = 200):
-    """A :class:`compression.runs.recipe.Recipe` that follows the advice (validated by the recipe itself)."""
-    from compression.runs.recipe import Recipe
+def recipe_for(source: str, ratio: float, advice: Advice, data: dict | None = None, eval_samples: int = 200) -> dict:
+    """The raw recipe (a dict for :class:`compression.runs.recipe.Recipe`) that follows the advice.
 
-    return Recipe.from_dict({
-        "model": source,
-        "prune": {"method": advice.method, "ratio": round(ratio, 4)},
-        "recovery": {"mode": advice.recovery_mode, "distillation": advice.distillation,
-                     "data_fraction": advice.data_fraction},
-        "eval_samples": eval_samples,
-    })
+    ``data`` is the recipe's ``data:`` section; without it only the reference model validates (its
+    built-in shapes are the default), so a page fills it from the data the user picked.
+    """
+    data = dict(data or {})
+    if advice.recovery_mode != "none" and "train" in data:
+        train = data["train"] if isinstance(data["train"], dict) and "source" in data["train"] else {
+            "source": data["train"]}
+        data["train"] = {**train, "fraction": advice.data_fraction}
+    if "eval" not in data and source == "reference":
+        data["eval"] = {"source": "shapes", "samples": eval_samples}
+    if source == "reference" and advice.recovery_mode != "none" and "train" not in data:
+        data["train"] = {"source": "shapes", "fraction": advice.data_fraction}
+    return {"model": source, "prune": {"method": advice.method, "ratio": round(ratio, 4)},
+            "recovery": {"mode": advice.recovery_mode, "distillation": advice.distillation}, "data": data}

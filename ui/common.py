@@ -55,6 +55,7 @@ def _picker_names(kind: str) -> list[str]:
 
 
 def _on_kind_change() -> None:
+    _remember("picker_kind")
     kind = st.session_state["picker_kind"]
     if kind == "Reference":
         set_source("reference")
@@ -66,21 +67,39 @@ def _on_kind_change() -> None:
 
 
 def _on_value_change(key: str) -> None:
+    _remember(key)
     value = (st.session_state.get(key) or "").strip()
     if value:
         set_source(value)
+
+
+def _restore(key: str, value) -> None:
+    """Streamlit forgets a widget's value when the page changes (a keyed widget on another page is another
+    widget). Each picker widget therefore has a plain mirror, ``_<key>``, written by the widget's own
+    callbacks; before the widget is drawn its value is set from the mirror (or ``value`` the first time)."""
+    st.session_state[key] = st.session_state.get(f"_{key}", value)
+
+
+def _remember(*keys: str) -> None:
+    """Copy widget values to their mirrors (called first in every picker callback)."""
+    for key in keys:
+        if key in st.session_state:
+            st.session_state[f"_{key}"] = st.session_state[key]
 
 
 def model_picker() -> str:
     """The sidebar picker; returns the chosen source string.
 
     Widgets change the source only through their callbacks, so a source that arrives from the
-    query string (even a bad one) is shown as it is, with its error on the page.
+    query string (even a bad one) is shown as it is, with its error on the page. The widgets are
+    drawn from session state alone (no ``value=``/``index=``), restored from the chosen source after a
+    page switch, so the radio always shows the kind of the source in use.
     """
     source = current_source()
     if st.session_state.get("picker_synced") != source:  # the source changed elsewhere: show its kind
-        st.session_state["picker_kind"] = kind_of(source)
+        st.session_state["_picker_kind"] = kind_of(source)
         st.session_state["picker_synced"] = source
+    _restore("picker_kind", kind_of(source))
     with st.sidebar:
         st.subheader("Model")
         kind = st.radio("Source", KINDS, key="picker_kind", on_change=_on_kind_change,
@@ -91,26 +110,172 @@ def model_picker() -> str:
             names = _picker_names(kind)
             key = "picker_config" if kind == "Config only" else "picker_run"
             if names:
+                if source in names:
+                    st.session_state[key] = source
+                elif st.session_state.get(key) not in names:
+                    st.session_state[key] = None
                 st.selectbox("Shipped config" if kind == "Config only" else "Run", names, key=key,
-                             index=names.index(source) if source in names else None,
                              on_change=_on_value_change, args=(key,))
             else:
                 st.caption("No finished runs yet: launch one on the Compress page.")
             if kind == "Config only":
                 st.caption("No weights: what-if estimates only.")
         elif kind == "Local folder":
+            _restore("picker_folder", source if kind_of(source) == "Local folder" else "")
             st.text_input("Folder (or a config.json)", key="picker_folder", placeholder="/path/to/llava-hf-folder",
-                          value=source if kind_of(source) == "Local folder" else "",
                           on_change=_on_value_change, args=("picker_folder",))
         else:
+            _restore("picker_hub", source if kind_of(source) == "Hub id" else "")
             st.text_input("Hub id (read from the local cache)", key="picker_hub", placeholder="llava-hf/llava-1.5-7b-hf",
-                          value=source if kind_of(source) == "Hub id" else "",
                           on_change=_on_value_change, args=("picker_hub",))
         source = current_source()
         st.session_state["picker_synced"] = source
         st.query_params["model"] = source
         st.caption(f"Using `{source}`")
     return source
+
+
+# ------------------------------------------------------------------------------------------- data choice
+# The chosen data is a source value (compression.data.sources.SourceSpec.to_value), kept in session state
+# and the query string as JSON. The reference model defaults to the built-in shapes; any other model has
+# no data until the user names it (nothing is measured on shapes silently).
+DATA_KEY = "data_source"
+DATA_KINDS = ("Built-in ShapesVQA", "LLaVA JSON + image folder", "Datasets folder / parquet")
+
+
+def current_data(model_source: str | None = None) -> dict | str | None:
+    """The chosen data source value, or None when the model is not the reference and none was chosen."""
+    import json
+
+    if DATA_KEY not in st.session_state:
+        raw = st.query_params.get("data")
+        try:
+            st.session_state[DATA_KEY] = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            st.session_state[DATA_KEY] = None
+    chosen = st.session_state[DATA_KEY]
+    if chosen is None and (model_source or current_source()) == "reference":
+        return "shapes"
+    return chosen
+
+
+def set_data(value: dict | str | None) -> None:
+    import json
+
+    st.session_state[DATA_KEY] = value
+    if value is None:
+        st.query_params.pop("data", None)
+    else:
+        st.query_params["data"] = json.dumps(value)
+
+
+def data_kind_of(value) -> str:
+    path = value if isinstance(value, str) else (value or {}).get("path", "")
+    if path == "shapes":
+        return DATA_KINDS[0]
+    if path.endswith((".json", ".jsonl")) and not (isinstance(value, dict) and value.get("columns")):
+        return DATA_KINDS[1]
+    return DATA_KINDS[2]
+
+
+def _on_data_change() -> None:
+    _remember("data_kind", "data_path", "data_image_root", "data_columns", "data_split")
+    kind = st.session_state["data_kind"]
+    if kind == DATA_KINDS[0]:
+        set_data("shapes")
+        return
+    path = (st.session_state.get("data_path") or "").strip()
+    if not path:
+        set_data(None)
+        return
+    value: dict = {"path": path}
+    root = (st.session_state.get("data_image_root") or "").strip()
+    if root and kind == DATA_KINDS[1]:
+        value["image_root"] = root
+    columns = (st.session_state.get("data_columns") or "").strip()
+    if columns and kind == DATA_KINDS[2]:
+        pairs = [c.partition("=") for c in columns.split(",") if c.strip()]
+        value["columns"] = {k.strip(): v.strip() for k, _, v in pairs if k.strip() and v.strip()}
+    split = (st.session_state.get("data_split") or "").strip()
+    if split and kind == DATA_KINDS[2]:
+        value["split"] = split
+    set_data(value)
+
+
+def data_picker() -> dict | str | None:
+    """The sidebar data picker, under the model picker; returns the chosen source value (or None)."""
+    value = current_data()
+    spec = value if isinstance(value, dict) else {"path": value or ""}
+    _restore("data_kind", data_kind_of(value) if value else DATA_KINDS[1])
+    _restore("data_path", "" if spec.get("path") in ("shapes", None) else spec["path"])
+    _restore("data_image_root", spec.get("image_root", ""))
+    _restore("data_columns", ",".join(f"{k}={v}" for k, v in (spec.get("columns") or {}).items()))
+    _restore("data_split", spec.get("split", ""))
+    with st.sidebar:
+        st.subheader("Data")
+        kind = st.radio("Data source", DATA_KINDS, key="data_kind", on_change=_on_data_change,
+                        label_visibility="collapsed")
+        if kind == DATA_KINDS[0]:
+            st.caption("Procedural shapes questions: the reference model's own data.")
+        else:
+            st.text_input("File" if kind == DATA_KINDS[1] else "Folder or file", key="data_path",
+                          placeholder="/path/to/test.json" if kind == DATA_KINDS[1] else "/path/to/dataset",
+                          on_change=_on_data_change)
+            if kind == DATA_KINDS[1]:
+                st.text_input("Image folder (default: the file's folder)", key="data_image_root",
+                              on_change=_on_data_change)
+            else:
+                st.text_input("Columns, if named differently (key=name, …)", key="data_columns",
+                              placeholder="question=prompt,answer=label", on_change=_on_data_change)
+                st.text_input("Split (for a dataset with several)", key="data_split", on_change=_on_data_change)
+        value = current_data()
+        st.caption(f"Data: `{data_label(value)}`" if value else "Data: none chosen (needed to measure this model)")
+    return value
+
+
+def data_label(value) -> str:
+    if value in (None, ""):
+        return "none"
+    if isinstance(value, str):
+        return value
+    return value.get("path", "?") + (f" (images: {value['image_root']})" if value.get("image_root") else "")
+
+
+@st.cache_resource(show_spinner="Reading the data…", max_entries=8)
+def _open_data(key: str, role: str):
+    import json
+
+    from compression.data.sources import open_source
+
+    return open_source(json.loads(key), role)
+
+
+def data_source(role: str = "eval", required: bool = True):
+    """The chosen data source opened for ``role`` (cached); a one-line error and the page stops on bad input,
+    or when no data is chosen for a model other than the reference."""
+    import json
+
+    value = current_data()
+    if value is None:
+        if not required:
+            return None
+        st.info(f"Pick the data to measure `{current_source()}` on in the sidebar (a LLaVA JSON file with its image "
+                "folder, or a datasets folder): the built-in shapes are only the reference model's data.")
+        st.stop()
+    try:
+        return _open_data(json.dumps(value, sort_keys=True), role)
+    except (ValueError, OSError) as e:
+        st.error(one_line(e))
+        st.stop()
+
+
+def selection(role: str, samples: int, **kwargs):
+    """``samples`` records of the chosen data for ``role`` (evaluation: the first ones with an image)."""
+    from compression.data.sources import select
+
+    source = data_source(role)
+    with shown_as_message():
+        return select(source, samples=samples, need_images=True, **kwargs)
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -189,5 +354,6 @@ def page_header(title: str, purpose: str) -> None:
         for path, label, icon in PAGES:
             st.page_link(path, label=label, icon=icon)
     model_picker()
+    data_picker()
     st.title(title)
     st.caption(purpose)

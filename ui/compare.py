@@ -35,8 +35,7 @@ def answer_both(models: dict[str, tuple[LoadedModel, Callable | None]], image: I
     for r in range(repeats + 1):
         for name, (loaded, generate_fn) in models.items():
             start = time.perf_counter()
-            answers[name] = evaluate.generate_answers(loaded.model, loaded.processor, [image], [question],
-                                                      max_new_tokens=16, generate_fn=generate_fn)[0]
+            answers[name] = evaluate.answer_questions(loaded, [image], [question], generate_fn=generate_fn)[0]
             if r > 0:
                 times[name].append((time.perf_counter() - start) * 1000)
     return {name: {"answer": answers[name], "latency_ms": statistics.median(times[name]), "repeats": repeats}

@@ -1,7 +1,8 @@
 """Measurements the pages show, stored in the runtime store so they survive restarts.
 
-A measurement is keyed by the model's fingerprint (content identity) and the number of test
-questions, so a result is reused only for the same weights. Files are written to a temp path and
+A measurement is keyed by the model's fingerprint (content identity) and the data selection's
+fingerprint (the data file and the records chosen), so a result is reused only for the same weights
+and the same records. Files are written to a temp path and
 renamed (nothing half-written is ever visible). No streamlit here.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from compression.data import shapes as data
+from compression.data.sources import Selection
 from compression.measure import evaluate
 from compression.models import LoadedModel
 from compression.paths import cache_dir
@@ -22,13 +23,13 @@ LATENCY_REPEATS = 9  # medians over this many timed runs after the warm-up (comp
 LATENCY_WARMUP = 2
 
 
-def _path(loaded: LoadedModel, samples: int) -> Path:
-    return cache_dir() / "ui" / "evals" / f"{loaded.fingerprint}-n{samples}.json"
+def _path(loaded: LoadedModel, selection: Selection) -> Path:
+    return cache_dir() / "ui" / "evals" / f"{loaded.fingerprint}-{selection.fingerprint()}.json"
 
 
-def cached_evaluation(loaded: LoadedModel, samples: int) -> dict | None:
-    """A stored evaluation of this exact model on ``samples`` test questions, or None."""
-    path = _path(loaded, samples)
+def cached_evaluation(loaded: LoadedModel, selection: Selection) -> dict | None:
+    """A stored evaluation of this exact model on these exact records, or None."""
+    path = _path(loaded, selection)
     if not path.is_file():
         return None
     try:
@@ -37,17 +38,15 @@ def cached_evaluation(loaded: LoadedModel, samples: int) -> dict | None:
         return None
 
 
-def measure(loaded: LoadedModel, samples: int) -> dict:
-    """Accuracy (``samples`` test questions), sizes and latency through ``compression.measure.evaluate``; stored."""
-    if samples < 1:
-        raise ValueError(f"samples {samples} must be at least 1")
-    report = evaluate.evaluate(loaded, data.load_split("test", samples), measure_latency=False).to_dict()
-    timing = evaluate.latency({"model": loaded.model}, loaded.processor, repeats=LATENCY_REPEATS,
-                              warmup=LATENCY_WARMUP)["model"]
+def measure(loaded: LoadedModel, selection: Selection) -> dict:
+    """Accuracy on the selection, sizes and latency through ``compression.measure.evaluate``; stored."""
+    report = evaluate.evaluate(loaded, selection, measure_latency=False).to_dict()
+    timing = evaluate.latency({"model": loaded.model}, evaluate.latency_inputs(loaded, selection.records[0]),
+                              repeats=LATENCY_REPEATS, warmup=LATENCY_WARMUP)["model"]
     report.update(prefill_ms=timing["prefill_ms"], decode_tokens_per_s=timing["decode_tokens_per_s"],
                   latency_repeats=LATENCY_REPEATS, model=loaded.name, fingerprint=loaded.fingerprint,
                   measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-    path = _path(loaded, samples)
+    path = _path(loaded, selection)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(report, f, indent=1)

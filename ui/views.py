@@ -300,7 +300,11 @@ def _describe_recipe(recipe: dict) -> str:
         parts.append(f"{prune['method']} {prune['ratio']:.0%}")
     if recovery.get("mode", "none") != "none":
         kd = recovery.get("distillation", "none")
-        parts.append(f"{recovery['mode']}{' + KD ' + kd if kd != 'none' else ''} on {recovery['data_fraction']:.0%}")
+        train = (recipe.get("data") or {}).get("train") or {}
+        amount = (f"{train['fraction']:g}" if train.get("fraction") is not None else
+                  f"{train.get('samples')} records" if train.get("samples") else
+                  f"{recovery.get('data_fraction', 0):g}")  # runs written before the data section
+        parts.append(f"{recovery['mode']}{' + KD ' + kd if kd != 'none' else ''} on {amount}")
     if recipe.get("quantize", "none") != "none":
         parts.append(recipe["quantize"])
     keep = (recipe.get("visual_tokens") or {}).get("keep_ratio", 1.0)
@@ -333,13 +337,17 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
             "params kept (measured)": c["params_total"] / o["params_total"],
             "params kept (estimated)": _ratio((what_if.get("compressed") or {}).get("params_total"),
                                              (what_if.get("original") or {}).get("params_total")),
+            "measured on": m.get("eval_data") or f"{m.get('eval_samples')} ShapesVQA questions",
             "eval questions": m.get("eval_samples"), "finished": pd.Timestamp(run["finished"], unit="s").floor("s"),
         })
-        originals.setdefault(recipe.get("model", "?"), {
+        measured_on = m.get("eval_data") or f"{m.get('eval_samples')} ShapesVQA questions"
+        # an original is one point per (model, evaluation data): runs scored on other data are not comparable
+        originals.setdefault((recipe.get("model", "?"), measured_on), {
             "name": f"original: {recipe.get('model', '?')}", "kind": "original", "original": recipe.get("model", "?"),
             "recipe": "as loaded", "accuracy": o["accuracy"], "accuracy kept": 1.0, "params": o["params_total"],
             "size MB": o["size_bytes"] / 1e6, "prefill ms": o.get("prefill_ms"),
-            "decode tok/s": o.get("decode_tokens_per_s"), "eval questions": m.get("eval_samples")})
+            "decode tok/s": o.get("decode_tokens_per_s"), "measured on": measured_on,
+            "eval questions": m.get("eval_samples")})
     return pd.DataFrame(list(originals.values()) + rows)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from compression.cli.common import UsageError, emit
+from compression.cli.common import UsageError, add_data_arguments, data_source, emit
 
 SCORER_DEFAULTS = {"layer": "block_influence", "width": "taylor"}
 
@@ -34,7 +34,16 @@ def _check_budget(args) -> None:
     _layer_range(args.layer_range)
 
 
-def _scores(loaded, method: str, scorer: str, samples: int, data_source: str):
+def _calibration(args, method: str | None):
+    """The calibration records the arguments name (None when the scorer needs no data)."""
+    from compression.methods.importance import calibration_selection
+
+    if method == "magnitude":
+        return None
+    return calibration_selection(data_source(args), args.samples)
+
+
+def _scores(args, loaded, method: str, scorer: str):
     """Importance scores for a plan, or None for config-only models / ``--scorer none``."""
     from compression.methods.importance import LAYER_METHODS, UNIT_METHODS, cached_importance
 
@@ -43,17 +52,18 @@ def _scores(loaded, method: str, scorer: str, samples: int, data_source: str):
     if method == "layer":
         if scorer not in LAYER_METHODS:
             raise UsageError(f"--scorer {scorer!r} does not score layers; expected {', '.join(LAYER_METHODS)} or none")
-        return cached_importance(loaded, "layers", scorer, samples, data_source)
+        return cached_importance(loaded, "layers", scorer, _calibration(args, scorer))
     if scorer not in UNIT_METHODS:
         raise UsageError(f"--scorer {scorer!r} does not score heads/neurons; expected {', '.join(UNIT_METHODS)} or none")
-    return {kind: cached_importance(loaded, kind, scorer, samples, data_source) for kind in ("heads", "neurons")}
+    calibration = _calibration(args, scorer)
+    return {kind: cached_importance(loaded, kind, scorer, calibration) for kind in ("heads", "neurons")}
 
 
 def _make_plan(args, loaded):
     from compression.methods.prune import make_plan
 
     scorer = args.scorer or SCORER_DEFAULTS[args.method]
-    scores = _scores(loaded, args.method, scorer, args.samples, args.data)
+    scores = _scores(args, loaded, args.method, scorer)
     return make_plan(loaded, args.method, ratio=args.ratio, target_mb=args.target_mb, scores=scores,
                      layer_range=_layer_range(args.layer_range), target_dtype=args.target_dtype)
 
@@ -70,27 +80,30 @@ def _cmd_analyze(args) -> int:
         raise UsageError(f"model {args.model} is config-only (no weights); importance needs weights")
     from compression.methods.importance import cached_importance
 
-    frame = cached_importance(loaded, args.kind, args.method, args.samples, args.data)
-    method = str(frame["method"].iloc[0])
+    method = args.method or ("block_influence" if args.kind == "layers" else "taylor")
+    calibration = _calibration(args, method)
+    frame = cached_importance(loaded, args.kind, method, calibration)
     rows = frame.to_dict("records")
     top = frame.sort_values("score", ascending=False).head(10)
     unit = {"layers": "layer", "heads": "head", "neurons": "neuron"}[args.kind]
-    text = f"{args.kind} importance ({method}, {args.samples} samples), most important first:\n" + "\n".join(
+    on = calibration.describe() if calibration is not None else "weights only"
+    text = (f"{args.kind} importance ({method}, on {on}, prompted with {loaded.prompt.name}), most important "
+            "first:\n") + "\n".join(
         f"  layer {int(r.layer):>3}" + (f" {unit} {int(getattr(r, unit)):>5}" if unit != "layer" else "")
         + f"  {r.score:.6g}" for r in top.itertuples())
-    emit(args, {"kind": args.kind, "method": method, "samples": args.samples, "scores": rows}, text)
+    emit(args, {"kind": args.kind, "method": method, "samples": len(calibration) if calibration else 0,
+                "data": on, "prompt": loaded.prompt.name, "scores": rows}, text)
     return 0
 
 
 def _analyze_tokens(args) -> int:
-    from compression.data import shapes as data
+    from compression.data.images import load_image
+    from compression.methods.tokens import analyze_tokens
     from compression.models import load
 
     if not args.image or not args.question:
         raise UsageError("--kind tokens needs --image PATH and --question TEXT")
-    from compression.methods.tokens import analyze_tokens
-
-    image = data.load_image(args.image)
+    image = load_image(args.image)
     loaded = load(args.model)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); token analysis needs weights")
@@ -156,7 +169,7 @@ def _budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-range", help="eligible layers START:STOP (width default: first 3 and last left whole)")
     p.add_argument("--scorer", help="layer: block_influence|removal_loss; width: taylor|activation|magnitude; or none")
     p.add_argument("--samples", type=int, default=32, help="calibration samples for importance")
-    p.add_argument("--data", default="shapes", help="calibration data: 'shapes' or a LLaVA-format JSON file")
+    add_data_arguments(p, "calibration data for the importance scores")
 
 
 def register(sub) -> None:
@@ -164,8 +177,8 @@ def register(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--kind", required=True, choices=["layers", "heads", "neurons", "tokens"])
     p.add_argument("--method", help="layers: block_influence|removal_loss; heads/neurons: taylor|activation|magnitude")
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--data", default="shapes", help="calibration data: 'shapes' or a LLaVA-format JSON file")
+    p.add_argument("--samples", type=int, default=32, help="calibration records (a seeded random subset)")
+    add_data_arguments(p, "calibration data")
     p.add_argument("--image", help="image for --kind tokens")
     p.add_argument("--question", help="question for --kind tokens")
     p.add_argument("--layer", type=int, help="decoder layer for --kind tokens")

@@ -59,9 +59,6 @@ def _cmd_run(args) -> int:
     from compression.runs import pipeline
     from compression.paths import cache_dir
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # ours is the only progress bar
     recipe = _recipe(args.recipe)
     out = Path(args.out) if args.out else cache_dir() / "runs" / f"{recipe.name or Path(args.recipe).stem}-" \
                                                                   f"{time.strftime('%Y%m%d-%H%M%S')}"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle")
@@ -183,10 +183,6 @@ def fraction(samples: list[Sample], frac: float, seed: int = 0) -> list[Sample]:
 
 # --------------------------------------------------------------------------- LLaVA conversation JSON
 
-class DataFormatError(ValueError):
-    """A LLaVA-format record that cannot be used; the message names the record and why."""
-
-
 def export_llava_json(samples: list[Sample], folder: str | Path) -> Path:
     """Write ``folder/images/*.png`` and ``folder/data.json`` (LLaVA conversation format)."""
     folder = Path(folder)
@@ -211,79 +207,7 @@ def export_llava_json(samples: list[Sample], folder: str | Path) -> Path:
     return out
 
 
-def import_llava_json(path: str | Path, image_root: str | Path | None = None) -> list[Sample]:
-    """Read LLaVA conversation JSON: a list of records with ``image`` and ``conversations``.
-
-    Only the first human/gpt turn pair of each record is used. Raises :class:`DataFormatError`
-    naming the first bad record (its index and the reason).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"data file {path} does not exist; expected a LLaVA-format .json file")
-    try:
-        records = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataFormatError(f"{path} is not valid JSON ({e}); expected a list of LLaVA records") from None
-    if not isinstance(records, list):
-        raise DataFormatError(f"{path} holds a {type(records).__name__}; expected a list of LLaVA records")
-    root = Path(image_root) if image_root else path.parent
-    samples = []
-    for i, rec in enumerate(records):
-        def bad(reason: str) -> DataFormatError:
-            return DataFormatError(f"record {i} of {path.name}: {reason}")
-
-        if not isinstance(rec, dict):
-            raise bad(f"is a {type(rec).__name__}; expected an object with 'image' and 'conversations'")
-        if not isinstance(rec.get("image"), str):
-            raise bad("missing 'image' (a path relative to the JSON file)")
-        conv = rec.get("conversations")
-        if not isinstance(conv, list) or len(conv) < 2:
-            raise bad("'conversations' must be a list with a human turn then a gpt turn")
-        human, gpt = conv[0], conv[1]
-        if not (isinstance(human, dict) and human.get("from") == "human" and isinstance(human.get("value"), str)):
-            raise bad("first turn must be {'from': 'human', 'value': <text>}")
-        if not (isinstance(gpt, dict) and gpt.get("from") == "gpt" and isinstance(gpt.get("value"), str)):
-            raise bad("second turn must be {'from': 'gpt', 'value': <text>}")
-        question = human["value"].replace("<image>", "").strip()
-        if not question:
-            raise bad("the human turn has no question text")
-        image_path = (root / rec["image"]).resolve()
-        try:
-            with Image.open(image_path) as im:
-                image = im.convert("RGB")
-        except FileNotFoundError:
-            raise bad(f"image {rec['image']} not found under {root}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise bad(f"image {rec['image']} is not a readable image ({type(e).__name__})") from None
-        samples.append(Sample(image, question, gpt["value"].strip(), str(rec.get("type", "other")), str(rec.get("id", i))))
-    return samples
-
-
 def prompt(question: str) -> str:
-    """The LLaVA-1.5 prompt: the processor expands ``<image>`` to the model's visual tokens."""
+    """The LLaVA-1.5 prompt the reference model was trained with (``compression.models.reference``); every
+    other step prompts through ``compression.models.prompting``, whose fallback is this same format."""
     return f"USER: <image>\n{question.strip()} ASSISTANT:"
-
-
-MAX_IMAGE_PIXELS = 4096 * 4096
-
-
-def load_image(source, max_side: int = 1024) -> Image.Image:
-    """Open an image path or file-like object as RGB; refuse non-images, downscale very large ones.
-
-    Raises ValueError with one line naming the input; never unpickles or executes anything.
-    """
-    name = getattr(source, "name", source)
-    if isinstance(source, (str, Path)) and not Path(source).is_file():
-        raise ValueError(f"image {name} does not exist; expected a PNG or JPEG file")
-    try:
-        with Image.open(source) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image {name} is {im.width}x{im.height}; expected at most "
-                                 f"{MAX_IMAGE_PIXELS:,} pixels")
-            im.load()
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{name} is not a readable image ({type(e).__name__}); expected a PNG or JPEG file") from None
-    if max(image.size) > max_side:
-        image.thumbnail((max_side, max_side))
-    return image

@@ -1,7 +1,8 @@
 """One evaluation path: accuracy, sizes and latency, for the UI, the CLI, jobs and tests.
 
-- accuracy: exact match of greedy ``generate`` answers (lower-cased, punctuation stripped),
-  overall and per question type;
+- accuracy: greedy ``generate`` answers to the records of a data selection, prompted with the model's own
+  chat template (``compression.models.prompting``), scored by ``compression.data.scoring`` with the metric
+  the data calls for (normalised exact match, multiple choice, yes/no), overall and per record type;
 - size: parameters by part (vision / projector / language) and bytes of the stored tensors;
 - latency: prefill ms for one image + question, and decode tokens/s with the KV cache, medians
   over repeats after warm-up. Several models are timed *interleaved* in one process (A, B, A,
@@ -9,23 +10,24 @@
 """
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 
-from compression.data import shapes as data
+from compression.data import scoring
+from compression.data.records import Record
+from compression.data.sources import Selection
 from compression.models import LoadedModel, parameter_counts, tensor_bytes
+from compression.models.prompting import PromptFormat, question_inputs, record_generation_inputs
 
-
-def normalize_answer(text: str) -> str:
-    return re.sub(r"[^\w\s-]", "", text.lower()).strip()
+normalize_answer = scoring.normalize_answer  # the answer normalisation every page and test compares with
+MAX_NEW_TOKENS = 16  # short-answer tasks (lmms-eval's VQA-style default); answers stop at the end-of-turn token
 
 
 @dataclass
@@ -33,46 +35,56 @@ class AccuracyResult:
     accuracy: float
     per_type: dict[str, float]
     n: int
+    metric: str = "exact_match"
+    details: dict[str, float] = field(default_factory=dict)
     predictions: list[str] = field(repr=False, default_factory=list)
 
 
-def encode(processor, images: list[Image.Image], questions: list[str]) -> dict[str, torch.Tensor]:
-    """Processor inputs for a batch of (image, question), left-padded for generation."""
-    processor.tokenizer.padding_side = "left"
-    return processor(images=images, text=[data.prompt(q) for q in questions], return_tensors="pt", padding=True)
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_model(inputs, model: nn.Module) -> dict[str, torch.Tensor]:
+    p = next(model.parameters())
+    return {k: (v.to(p.device, dtype=p.dtype) if k == "pixel_values" and v.is_floating_point() else v.to(p.device))
+            for k, v in dict(inputs).items()}
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, processor, images: list[Image.Image], questions: list[str],
-                     max_new_tokens: int = 8, batch_size: int = 32,
-                     generate_fn: Callable | None = None) -> list[str]:
-    """Greedy answers. ``generate_fn(model, inputs, max_new_tokens) -> new token ids`` replaces the
-    plain ``model.generate`` (visual-token pruning passes its own)."""
-    answers = []
-    device = next(model.parameters()).device
-    for i in range(0, len(images), batch_size):
-        inputs = encode(processor, images[i:i + batch_size], questions[i:i + batch_size]).to(device)
-        if generate_fn is None:
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[:, inputs["input_ids"].shape[1]:]
-        else:
-            new = generate_fn(model, inputs, max_new_tokens)
-        answers += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [a.strip() for a in answers]
+def generate(model: nn.Module, fmt: PromptFormat, inputs, max_new_tokens: int = MAX_NEW_TOKENS,
+             generate_fn: Callable | None = None) -> list[str]:
+    """Greedy answers to prepared generation inputs. ``generate_fn(model, inputs, max_new_tokens) -> new
+    token ids`` replaces the plain ``model.generate`` (visual-token pruning passes its own)."""
+    inputs = _to_model(inputs, model)
+    if generate_fn is None:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+    else:
+        new = generate_fn(model, inputs, max_new_tokens)
+    return [a.strip() for a in fmt.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def accuracy(model: nn.Module, processor, samples: list[data.Sample], batch_size: int = 32,
-             max_new_tokens: int = 8, generate_fn: Callable | None = None) -> AccuracyResult:
-    predictions = generate_answers(model, processor, [s.image for s in samples], [s.question for s in samples],
-                                   max_new_tokens, batch_size, generate_fn)
-    hits: dict[str, list[bool]] = {}
-    for s, p in zip(samples, predictions):
-        hits.setdefault(s.qtype, []).append(normalize_answer(p) == normalize_answer(s.answer))
-    every = [h for v in hits.values() for h in v]
-    return AccuracyResult(
-        accuracy=sum(every) / max(1, len(every)),
-        per_type={k: sum(v) / len(v) for k, v in sorted(hits.items())},
-        n=len(samples), predictions=predictions)
+def answer_questions(loaded: LoadedModel, images: list[Image.Image], questions: list[str],
+                     max_new_tokens: int = MAX_NEW_TOKENS, generate_fn: Callable | None = None) -> list[str]:
+    """Answers to typed questions about images (``ask``, Compare), one image per question."""
+    return generate(loaded.model, loaded.prompt, question_inputs(loaded.prompt, images, questions),
+                    max_new_tokens, generate_fn)
+
+
+def accuracy(loaded: LoadedModel, records: Sequence[Record], metric: scoring.Metric = "auto", batch_size: int = 16,
+             max_new_tokens: int = MAX_NEW_TOKENS, generate_fn: Callable | None = None,
+             model: nn.Module | None = None) -> AccuracyResult:
+    """Score ``loaded`` (or ``model``, e.g. a pruned copy sharing its processor) on ``records``."""
+    model = model if model is not None else loaded.model
+    chosen = scoring.choose_metric(records, metric)
+    predictions: list[str] = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        messages = [scoring.prompt_messages(r, chosen) for r in chunk]
+        inputs = record_generation_inputs(loaded.prompt, chunk, messages)
+        predictions += generate(model, loaded.prompt, inputs, max_new_tokens, generate_fn)
+    result = scoring.score(records, predictions, chosen)
+    return AccuracyResult(result.accuracy, result.per_type, result.n, result.metric, result.details, predictions)
 
 
 def size_bytes(model: nn.Module, path: Path | None = None) -> int:
@@ -100,22 +112,24 @@ def _time_one(model: nn.Module, inputs: dict[str, torch.Tensor], decode_tokens: 
     return prefill * 1000, decode_tokens / decode
 
 
-def latency(models: dict[str, nn.Module], processor, sample: data.Sample | None = None, repeats: int = 9,
-            warmup: int = 2, decode_tokens: int = 16,
+def latency_inputs(loaded: LoadedModel, record: Record) -> dict[str, torch.Tensor]:
+    """Batch-1 generation inputs for one record's prompt: what latency is measured on."""
+    return dict(record_generation_inputs(loaded.prompt, [record], [record.prompt_messages]))
+
+
+def latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int = 9, warmup: int = 2,
+            decode_tokens: int = 16,
             inputs_fn: Callable[[nn.Module, dict], dict] | None = None) -> dict[str, dict[str, float]]:
     """Median prefill ms and decode tokens/s for each model, measured interleaved, batch 1.
 
-    ``inputs_fn(model, inputs) -> model kwargs`` lets a caller change what is fed (e.g. pruned
-    visual tokens as ``inputs_embeds``); by default the processor's inputs go in unchanged.
+    ``inputs`` are one prompt's processor inputs (``latency_inputs``). ``inputs_fn(model, inputs) -> model
+    kwargs`` lets a caller change what is fed (e.g. pruned visual tokens as ``inputs_embeds``).
     """
-    sample = sample or data.generate("test", 0)
-    base = encode(processor, [sample.image], [sample.question])
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     for r in range(warmup + repeats):
         for name, model in models.items():
-            inputs = inputs_fn(model, dict(base)) if inputs_fn else dict(base)
-            inputs = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
-            measured = _time_one(model, inputs, decode_tokens)
+            fed = inputs_fn(model, dict(inputs)) if inputs_fn else dict(inputs)
+            measured = _time_one(model, _to_model(fed, model), decode_tokens)
             if r >= warmup:
                 timings[name].append(measured)
     return {name: {"prefill_ms": statistics.median(t[0] for t in ts),
@@ -128,6 +142,9 @@ class EvalReport:
     accuracy: float
     per_type: dict[str, float]
     samples: int
+    metric: str
+    data: str                  # what it was measured on: "200 records of test.json"
+    prompt: str                # which prompt format: the model's chat template or the fallback
     params_total: int
     params_vision: int
     params_projector: int
@@ -135,30 +152,31 @@ class EvalReport:
     size_bytes: int
     prefill_ms: float | None
     decode_tokens_per_s: float | None
+    details: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate(loaded: LoadedModel, samples: list[data.Sample] | int = 500, measure_latency: bool = True,
-             batch_size: int = 32) -> EvalReport:
-    """Accuracy on the held-out test split (or the given samples), sizes and latency of one model."""
-    if isinstance(samples, int):
-        samples = data.load_split("test", samples)
-    acc = accuracy(loaded.model, loaded.processor, samples, batch_size)
+def evaluate(loaded: LoadedModel, selection: Selection, metric: scoring.Metric = "auto",
+             measure_latency: bool = True, batch_size: int = 16,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> EvalReport:
+    """Accuracy on a data selection, sizes and latency (on the selection's first record) of one model."""
+    acc = accuracy(loaded, selection.records, metric, batch_size, max_new_tokens)
     counts = parameter_counts(loaded.model, loaded.anatomy)
-    lat = latency({"model": loaded.model}, loaded.processor)["model"] if measure_latency else {}
+    lat = latency({"model": loaded.model}, latency_inputs(loaded, selection.records[0]))["model"] \
+        if measure_latency else {}
     return EvalReport(
-        accuracy=acc.accuracy, per_type=acc.per_type, samples=acc.n, params_total=counts["total"],
-        params_vision=counts["vision"], params_projector=counts["projector"], params_language=counts["language"],
+        accuracy=acc.accuracy, per_type=acc.per_type, samples=acc.n, metric=acc.metric, data=selection.describe(),
+        prompt=loaded.prompt.name, params_total=counts["total"], params_vision=counts["vision"],
+        params_projector=counts["projector"], params_language=counts["language"],
         size_bytes=size_bytes(loaded.model, loaded.path), prefill_ms=lat.get("prefill_ms"),
-        decode_tokens_per_s=lat.get("decode_tokens_per_s"))
+        decode_tokens_per_s=lat.get("decode_tokens_per_s"), details=acc.details)
 
 
-def ask(loaded: LoadedModel, image: Image.Image, question: str, max_new_tokens: int = 16) -> tuple[str, float]:
+def ask(loaded: LoadedModel, image: Image.Image, question: str,
+        max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[str, float]:
     """One answer and its wall time in ms."""
-    if not question.strip():
-        raise ValueError("question is empty; expected a question about the image")
     start = time.perf_counter()
-    answer = generate_answers(loaded.model, loaded.processor, [image], [question], max_new_tokens)[0]
+    answer = answer_questions(loaded, [image], [question], max_new_tokens)[0]
     return answer, (time.perf_counter() - start) * 1000

@@ -28,13 +28,16 @@ so each query head is scored with its own q rows and o columns **plus 1/G of its
 v rows**: the sum over a group's query heads is the importance of the whole KV group
 (``compression.methods.prune`` ranks KV groups by that sum, then query heads inside kept groups).
 
+Calibration data is any data source (``compression.data.sources``: the user's LLaVA JSON, a datasets
+folder, or ShapesVQA for the reference model), prompted with the model's own chat template; the loss is
+on the assistant turns only.
+
 Results are pandas DataFrames; ``cached_importance`` stores them under
-``cache_dir()/importance/<fingerprint>-<data>-<kind>-<method>-<n>.csv`` (CSV: no parquet engine
-is installed), so a repeated request is a file read.
+``cache_dir()/importance/<model fingerprint>-<selection fingerprint>-<kind>-<method>.csv`` (CSV, so a
+repeated request is a file read; the selection fingerprint covers the data file and the records chosen).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.data import shapes as data
+from compression.data.records import Record
+from compression.data.sources import Selection, SourceSpec, open_source, select
 from compression.models import Anatomy, LoadedModel
+from compression.models.prompting import PromptFormat, training_inputs
 from compression.paths import cache_dir
 
 LayerMethod = Literal["block_influence", "removal_loss"]
@@ -60,39 +65,17 @@ BATCH_SIZE = 8
 
 # ------------------------------------------------------------------------------------------------ data
 
-def calibration_samples(n: int = DEFAULT_SAMPLES, data_source: str = "shapes") -> list[data.Sample]:
-    """``n`` calibration samples: ShapesVQA train split (``"shapes"``) or a LLaVA-format JSON file."""
+def calibration_selection(data: "str | dict | SourceSpec" = "shapes", n: int = DEFAULT_SAMPLES,
+                          seed: int = 0) -> Selection:
+    """``n`` calibration records of a data source (a seeded random subset, images required)."""
     if n < 1:
         raise ValueError(f"calibration samples {n} must be at least 1")
-    if data_source == "shapes":
-        return data.load_split("train", n)
-    samples = data.import_llava_json(data_source)
-    if not samples:
-        raise ValueError(f"{data_source} holds no samples; expected LLaVA-format records")
-    return samples[:n]
+    return select(open_source(data, "calibration"), samples=n, seed=seed, need_images=True, order="random")
 
 
-def calibration_batches(processor, samples: list[data.Sample], batch_size: int = BATCH_SIZE) -> list[dict]:
-    """Teacher-forcing batches: prompt + answer + eos, right-padded, labels on the answer and eos only."""
-    tok = processor.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        ids, labels, pixels = [], [], []
-        for s in chunk:
-            enc = processor(images=[s.image], text=[data.prompt(s.question)], return_tensors="pt")
-            prompt_ids = enc["input_ids"][0].tolist()
-            answer = tok(" " + s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids.append(prompt_ids + answer)
-            labels.append([-100] * len(prompt_ids) + answer)
-            pixels.append(enc["pixel_values"])
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        batches.append({"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
-                        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels])})
-    return batches
+def calibration_batches(prompt: PromptFormat, records: list[Record], batch_size: int = BATCH_SIZE) -> list[dict]:
+    """Teacher-forcing batches in the model's prompt format, labels on the assistant turns only."""
+    return [training_inputs(prompt, records[start:start + batch_size]) for start in range(0, len(records), batch_size)]
 
 
 def _to(batch: dict, model: nn.Module) -> dict:
@@ -100,16 +83,16 @@ def _to(batch: dict, model: nn.Module) -> dict:
     return {k: v.to(p.device, dtype=p.dtype) if k == "pixel_values" else v.to(p.device) for k, v in batch.items()}
 
 
-def _as_batches(loaded: LoadedModel, samples) -> list[dict]:
+def _as_batches(loaded: LoadedModel, samples: "Selection | list[Record] | list[dict]") -> list[dict]:
     if not loaded.has_weights:
         raise ValueError(f"model {loaded.name} is config-only (no weights); importance needs weights")
-    if isinstance(samples, int):
-        samples = calibration_samples(samples)
+    if isinstance(samples, Selection):
+        samples = samples.records
     if not samples:
         raise ValueError("no calibration samples given; expected at least 1")
     if isinstance(samples[0], dict):  # already batches
         return samples
-    return calibration_batches(loaded.processor, samples)
+    return calibration_batches(loaded.prompt, samples)
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -184,7 +167,7 @@ def removal_loss(model: nn.Module, anatomy: Anatomy, batches: list[dict]) -> tor
 _LAYER_SCORERS = {"block_influence": block_influence, "removal_loss": removal_loss}
 
 
-def layer_importance(loaded: LoadedModel, samples: list[data.Sample] | int = DEFAULT_SAMPLES,
+def layer_importance(loaded: LoadedModel, samples: "Selection | list[Record] | list[dict]",
                      method: LayerMethod = "block_influence") -> pd.DataFrame:
     """One row per decoder layer: ``layer``, ``score`` (higher = more important), ``method``."""
     if method not in _LAYER_SCORERS:
@@ -365,7 +348,7 @@ def _collect_activations(model: nn.Module, groups: list[CoupledGroup], batches: 
         g.activation = s / max(count, 1)
 
 
-def unit_importance(loaded: LoadedModel, samples: list[data.Sample] | int = DEFAULT_SAMPLES,
+def unit_importance(loaded: LoadedModel, samples: "Selection | list[Record] | list[dict] | None" = None,
                     kind: UnitKind = "heads", method: UnitMethod = "taylor") -> pd.DataFrame:
     """One row per attention head (``kind="heads"``) or MLP neuron (``"neurons"``) of every layer.
 
@@ -408,24 +391,17 @@ def unit_importance(loaded: LoadedModel, samples: list[data.Sample] | int = DEFA
 
 # ------------------------------------------------------------------------------------------------ cache
 
-def _data_key(data_source: str) -> str:
-    if data_source == "shapes":
-        return "shapes"
-    path = Path(data_source)
-    if not path.is_file():
-        raise ValueError(f"data source {data_source!r} is neither 'shapes' nor an existing LLaVA-format JSON file")
-    return "llava-" + hashlib.sha1(path.read_bytes()).hexdigest()[:12]
-
-
-def importance_path(loaded: LoadedModel, kind: str, method: str, n_samples: int, data_source: str = "shapes") -> Path:
-    return cache_dir() / "importance" / f"{loaded.fingerprint}-{_data_key(data_source)}-{kind}-{method}-{n_samples}.csv"
+def importance_path(loaded: LoadedModel, kind: str, method: str, selection: Selection | None) -> Path:
+    data_key = selection.fingerprint() if selection is not None else "nodata"
+    return cache_dir() / "importance" / f"{loaded.fingerprint}-{data_key}-{kind}-{method}.csv"
 
 
 def cached_importance(loaded: LoadedModel, kind: Literal["layers", "heads", "neurons"], method: str | None = None,
-                      n_samples: int = DEFAULT_SAMPLES, data_source: str = "shapes") -> pd.DataFrame:
-    """``layer_importance`` / ``unit_importance``, stored by (model fingerprint, data, kind, method, n).
+                      selection: Selection | None = None) -> pd.DataFrame:
+    """``layer_importance`` / ``unit_importance``, stored by (model fingerprint, calibration selection, kind, method).
 
-    ``method`` defaults to ``block_influence`` for layers and ``taylor`` for heads and neurons.
+    ``method`` defaults to ``block_influence`` for layers and ``taylor`` for heads and neurons;
+    ``selection`` (from ``calibration_selection``) may be None only for ``magnitude``, which needs no data.
     """
     if kind not in ("layers", "heads", "neurons"):
         raise ValueError(f"importance kind {kind!r} is not one of layers, heads, neurons")
@@ -433,16 +409,15 @@ def cached_importance(loaded: LoadedModel, kind: Literal["layers", "heads", "neu
     allowed = LAYER_METHODS if kind == "layers" else UNIT_METHODS
     if method not in allowed:
         raise ValueError(f"method {method!r} does not score {kind}; expected one of {', '.join(allowed)}")
-    if n_samples < 1:
-        raise ValueError(f"n_samples {n_samples} must be at least 1")
-    path = importance_path(loaded, kind, method, n_samples, data_source)
+    if selection is None and method != "magnitude":
+        raise ValueError(f"{method} importance needs calibration data; expected a selection of records")
+    path = importance_path(loaded, kind, method, selection if method != "magnitude" else None)
     if path.is_file():
         return pd.read_csv(path)
-    samples = calibration_samples(n_samples, data_source)
     if kind == "layers":
-        frame = layer_importance(loaded, samples, method)
+        frame = layer_importance(loaded, selection, method)
     else:
-        frame = unit_importance(loaded, samples, kind, method)
+        frame = unit_importance(loaded, selection, kind, method)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     frame.to_csv(tmp, index=False)

@@ -3,8 +3,9 @@
 Follows Huang et al., "Investigating Structural Pruning and Recovery Techniques for Compressing
 MLLMs" (arXiv 2507.20749; code ``YiranHuangIrene/VLMCompression``):
 
-- supervised finetuning with the loss on answer tokens only (the prompt, image tokens and padding
-  are labelled -100);
+- supervised finetuning on the user's records, prompted with the model's own chat template, with the
+  loss on the assistant turns only (every turn of a multi-turn conversation; the prompt, image tokens and
+  padding are labelled -100);
 - what is trained (``mode``): the projector only; LoRA on the language model's linear layers plus
   the projector (merged into the weights afterwards, so the result is a plain model); or the
   whole language model plus the projector. The vision tower stays frozen, as in LLaVA stage 2;
@@ -38,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.data import shapes as data
+from compression.data.records import Record
 from compression.models import Anatomy
+from compression.models.prompting import PromptFormat, supervised_tokens, training_inputs
 
 Mode = Literal["none", "projector", "lora", "full"]
 Distillation = Literal["none", "logits", "hidden", "hidden+logits"]
@@ -85,41 +87,19 @@ class RecoveryResult:
     resumed_from: int                   # 0 when training started fresh
     seconds: float                      # wall time of this call's training loop
     losses: list[float] = field(default_factory=list)  # per step of this call, mean over processes
+    supervised_tokens: int = 0          # tokens with a loss in this call, summed over processes
 
 
 # ----------------------------------------------------------------------------------------- data
 
-def encode_for_training(processor, samples: list[data.Sample]) -> dict[str, torch.Tensor]:
-    """Teacher-forcing tensors for a batch: ``prompt + " " + answer + eos``, right-padded.
+def encode_for_training(prompt: PromptFormat, records: list[Record]) -> dict[str, torch.Tensor]:
+    """Teacher-forcing tensors for a batch of records, in the model's own prompt format, right-padded.
 
-    Goes through the model's own processor (so the image placeholder expands to that model's
-    number of visual tokens, whatever the tokenizer); ``labels`` is -100 everywhere except on the
-    answer tokens and the eos. Shapes: ``input_ids``, ``attention_mask``, ``labels`` `[B, T]`;
-    ``pixel_values`` `[B, 3, H, W]`.
+    ``labels`` is -100 everywhere except on the tokens of every assistant turn (multi-turn included) and
+    the template's end-of-turn tokens (``compression.models.prompting.training_inputs``). Text-only
+    records carry no image inputs. Shapes: ``input_ids``, ``attention_mask``, ``labels`` `[B, T]`.
     """
-    tok = processor.tokenizer
-    images = [s.image for s in samples]
-    prompts = [data.prompt(s.question) for s in samples]
-    prompt_enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    full_enc = processor(images=images, text=[p + " " + s.answer for p, s in zip(prompts, samples)],
-                         return_tensors="pt", padding=True)
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    seqs, prompt_lengths = [], []
-    for ids, mask, p_mask in zip(full_enc["input_ids"].tolist(), full_enc["attention_mask"].tolist(),
-                                 prompt_enc["attention_mask"].tolist()):
-        seqs.append([t for t, m in zip(ids, mask) if m] + [eos])
-        prompt_lengths.append(sum(p_mask))
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (seq, n_prompt) in enumerate(zip(seqs, prompt_lengths)):
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        attention[i, :len(seq)] = 1
-        labels[i, n_prompt:len(seq)] = input_ids[i, n_prompt:len(seq)]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "pixel_values": full_enc["pixel_values"]}
+    return training_inputs(prompt, records)
 
 
 def batch_schedule(n_samples: int, batch_size: int, epochs: int, seed: int,
@@ -252,10 +232,11 @@ def read_checkpoint_step(checkpoint_dir: Path | None) -> int:
     return int(json.loads((checkpoint_dir / "step.json").read_text())["step"])
 
 
-def recover(student: nn.Module, anatomy: Anatomy, processor, samples: list[data.Sample], config: RecoveryConfig,
+def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples: list[Record], config: RecoveryConfig,
             teacher: nn.Module | None = None, progress: Progress | None = None, accelerator=None,
             log: Callable[[str], None] | None = None) -> RecoveryResult:
-    """Train ``student`` on ``samples`` as ``config`` says; returns the trained, merged model.
+    """Train ``student`` on ``samples`` (records, prompted in ``prompt``, the model's format) as ``config`` says;
+    returns the trained, merged model.
 
     ``teacher`` is required for distillation. ``progress(step, total, loss)`` is called on the
     main process after every optimizer step. If ``config.checkpoint_dir`` holds a checkpoint,
@@ -301,9 +282,11 @@ def recover(student: nn.Module, anatomy: Anatomy, processor, samples: list[data.
         log(f"resumed from the checkpoint at step {start}/{total}")
 
     losses: list[float] = []
+    supervised = 0  # answer tokens this process trained on (this call)
     started = time.time()
     for step in range(start, total):
-        batch = encode_for_training(processor, [samples[i] for i in schedule[step][rank::world]])
+        batch = encode_for_training(prompt, [samples[i] for i in schedule[step][rank::world]])
+        supervised += supervised_tokens(batch)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         out = model(**batch, output_hidden_states=use_hidden, use_cache=False)
@@ -344,7 +327,8 @@ def recover(student: nn.Module, anatomy: Anatomy, processor, samples: list[data.
             model.load_state_dict(state, assign=True)
     else:
         model = accelerator.unwrap_model(model)
-    return RecoveryResult(finish_model(model), total, start, seconds, losses)
+    supervised = int(accelerator.reduce(torch.tensor(supervised, device=accelerator.device), reduction="sum").item())
+    return RecoveryResult(finish_model(model), total, start, seconds, losses, supervised)
 
 
 def save_checkpoint(accelerator, checkpoint_dir: Path, step: int) -> None:

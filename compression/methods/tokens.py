@@ -246,7 +246,7 @@ def analyze_tokens(loaded: LoadedModel, image: Image.Image, question: str, layer
     ``layer=None``: scores at the projector output, attention read at ``attention_layer``
     (default FastV's layer 2); ``layer=L``: hidden states entering decoder layer L and its attention.
     """
-    from compression.measure.evaluate import encode
+    from compression.models.prompting import question_inputs
 
     if not loaded.has_weights:
         raise ValueError(f"model {loaded.name} is config-only (no weights); token scores need weights")
@@ -259,7 +259,7 @@ def analyze_tokens(loaded: LoadedModel, image: Image.Image, question: str, layer
             raise ValueError(f"{name} {value} is out of range; expected 0..{anatomy.num_layers - 1} (decoder layers)")
     read_at = layer if layer is not None else (attention_layer if attention_layer is not None else _default_layer(anatomy))
     device = next(model.parameters()).device
-    merged = merge_inputs(model, encode(loaded.processor, [image], [question]).to(device))
+    merged = merge_inputs(model, question_inputs(loaded.prompt, [image], [question]).to(device))
     hidden, attention = probe_layer(model, anatomy, merged, read_at)
     if layer is None:
         visual, context = merged.features, merged.inputs_embeds

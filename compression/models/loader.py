@@ -142,6 +142,16 @@ class LoadedModel:
     fingerprint: str
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def prompt(self):
+        """How this model is prompted (``compression.models.prompting.PromptFormat``): its chat template,
+        or the LLaVA-1.5 fallback when the processor has none."""
+        from compression.models.prompting import prompt_format
+
+        if self.processor is None:
+            raise ModelLoadError(f"model {self.name} is config-only (no processor); it cannot be prompted")
+        return prompt_format(self.processor, self.model.config)
+
 
 def _widths(text_config) -> tuple[list[int], list[int], list[int]]:
     n = text_config.num_hidden_layers

@@ -3,7 +3,7 @@
 The folder holds the weights as safetensors only (never pickle), the config, processor and
 tokenizer files, the generation config, the recipe, the metrics and a model card (README.md)
 with the original-vs-compressed table and how to load it. A uniformly pruned model loads with
-plain transformers (``LlavaForConditionalGeneration``); a model with different widths per layer
+plain transformers (``AutoModelForImageTextToText``); a model with different widths per layer
 ships its modeling code and loads with ``trust_remote_code=True``
 (``AutoModelForImageTextToText``). Before it becomes visible, the export is reloaded in a fresh
 Python process with transformers alone and its logits are checked against the run's model.
@@ -91,10 +91,12 @@ def export_run(run_dir: str | Path, to_dir: str | Path, overwrite: bool = False,
         metrics = json.loads((run / "metrics.json").read_text())
         (tmp / "README.md").write_text(model_card(metrics, dest.name, remote_code))
         if verify:
-            difference = verify_export(run / "model", tmp, remote_code)
+            difference, same_answer = verify_export(run / "model", tmp, remote_code)
             if difference > 1e-4:
                 raise ValueError(f"export check failed: the reloaded model's logits differ from the run's by "
                                  f"{difference:.2e} (max |diff|); expected <= 1e-4")
+            if not same_answer:
+                raise ValueError("export check failed: the reloaded model's greedy answer differs from the run's")
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -156,50 +158,65 @@ import sys, json, torch
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoProcessor
-folder, image, question, out, remote = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
-if remote:
-    from transformers import AutoModelForImageTextToText as cls
-else:
-    from transformers import LlavaForConditionalGeneration as cls
+folder, image, text, out, remote = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+from transformers import AutoModelForImageTextToText as cls
 model = cls.from_pretrained(folder, trust_remote_code=remote).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
-inputs = processor(images=[Image.open(image).convert("RGB")], text=[question], return_tensors="pt")
+inputs = processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt")
 with torch.no_grad():
     logits = model(**inputs).logits
-save_file({"logits": logits.float().contiguous()}, out)
+    answer = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+save_file({"logits": logits.float().contiguous(), "answer": answer.contiguous()}, out)
 print(type(model).__name__, tuple(logits.shape))
 """
+CHECK_QUESTION = "What is shown in this image?"
 
 
-def verify_export(run_model: Path, export_dir: Path, remote_code: bool) -> float:
-    """Max |logits difference| between the run's model (loaded here) and the export reloaded in a
-    fresh process with plain transformers, on one ShapesVQA test question."""
+def check_image(size: int = 64):
+    """A fixed synthetic image (seeded noise over a gradient): the export check needs no dataset."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    pixels = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1),
+                       rng.uniform(0, 255, (size, size))], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def verify_export(run_model: Path, export_dir: Path, remote_code: bool) -> tuple[float, bool]:
+    """``(max |logits difference|, same greedy answer)`` between the run's model (loaded here) and the export
+    reloaded in a fresh process with plain transformers, on a fixed image and question rendered with the
+    model's own prompt format (the greedy answer: 8 new token ids)."""
     from safetensors.torch import load_file
 
-    from compression.data import shapes as data
+    from compression.measure.evaluate import _to_model
     from compression.models import load
+    from compression.data.records import single_turn
 
-    sample = data.generate("test", 0)
-    text = data.prompt(sample.question)
+    original = load(str(run_model))
+    image = check_image()
+    text = original.prompt.render(single_turn(CHECK_QUESTION), add_generation_prompt=True)
     with tempfile.TemporaryDirectory() as tmp:
-        image = Path(tmp) / "image.png"
-        sample.image.save(image)
+        image_path = Path(tmp) / "image.png"
+        image.save(image_path)
         out = Path(tmp) / "logits.safetensors"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
-        done = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, str(export_dir), str(image), text, str(out),
+        done = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, str(export_dir), str(image_path), text, str(out),
                                "1" if remote_code else "0"], capture_output=True, text=True, env=env, cwd=tmp,
                               timeout=600)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise ValueError(f"export check failed: the export does not load with plain transformers: {last}")
-        exported = load_file(out)["logits"]
-    original = load(str(run_model))
-    inputs = original.processor(images=[sample.image], text=[text], return_tensors="pt")
+        exported = load_file(out)
+    inputs = _to_model(original.processor(images=[image], text=[text], return_tensors="pt"), original.model)
     with torch.no_grad():
         reference = original.model(**inputs).logits.float()
-    if reference.shape != exported.shape:
-        raise ValueError(f"export check failed: logits shape {tuple(exported.shape)}; expected {tuple(reference.shape)}")
-    return (reference - exported).abs().max().item()
+        answer = original.model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    if reference.shape != exported["logits"].shape:
+        raise ValueError(f"export check failed: logits shape {tuple(exported['logits'].shape)}; expected "
+                         f"{tuple(reference.shape)}")
+    return (reference.cpu() - exported["logits"]).abs().max().item(), torch.equal(answer.cpu(), exported["answer"])
 
 
 # ------------------------------------------------------------------------------------------- model card
@@ -221,7 +238,7 @@ def model_card(metrics: dict[str, Any], name: str, remote_code: bool) -> str:
     o, c = metrics.get("original", {}), metrics.get("compressed", {})
     recipe = metrics.get("recipe") or {}
     prune, recovery = recipe.get("prune", {}), recipe.get("recovery", {})
-    rows = [("accuracy (exact match)", "accuracy", "pct")]
+    rows = [("accuracy", "accuracy", "pct")]
     rows += [(f"accuracy: {t}", None, "pct") for t in o.get("per_type", {})]
     rows += [("parameters", "params_total", "int"), ("language-model parameters", "params_language", "int"),
              ("weights on disk", "size_bytes", "mb"), ("prefill (ms, measured)", "prefill_ms", "f"),
@@ -245,20 +262,24 @@ def model_card(metrics: dict[str, Any], name: str, remote_code: bool) -> str:
         why = ("Layers were pruned to different widths, so the folder ships its own modeling code "
                "(`modeling_llava_pruned.py`): load it with `trust_remote_code=True`.")
     else:
-        load_code = (f'from transformers import AutoProcessor, LlavaForConditionalGeneration\n\n'
-                     f'model = LlavaForConditionalGeneration.from_pretrained("{name}")\n'
+        load_code = (f'from transformers import AutoModelForImageTextToText, AutoProcessor\n\n'
+                     f'model = AutoModelForImageTextToText.from_pretrained("{name}")\n'
                      f'processor = AutoProcessor.from_pretrained("{name}")')
         why = "Every layer has the same shape, so plain transformers loads it."
     steps = []
     if prune.get("method", "none") != "none":
         steps.append(f"{prune['method']}wise pruning of {prune['ratio']:.0%} of the language model "
                      f"(scorer: {prune.get('scorer')})")
+    data = metrics.get("data") or {}
     if recovery.get("mode", "none") != "none":
-        steps.append(f"recovery: {recovery['mode']} finetuning on {recovery['data_fraction']:.0%} of the training "
-                     f"data, distillation {recovery['distillation']}")
+        trained_on = (data.get("train") or {}).get("described", "the training data")
+        steps.append(f"recovery: {recovery['mode']} finetuning on {trained_on}, distillation "
+                     f"{recovery['distillation']}")
     if recipe.get("quantize", "none") != "none":
         steps.append(f"quantization: {recipe['quantize']}")
-    samples = metrics.get("eval_samples", "?")
+    evaluated = (data.get("eval") or {}).get("described", f"{metrics.get('eval_samples', '?')} held-out questions")
+    metric = (metrics.get("original") or {}).get("metric", "exact match")
+    prompt = metrics.get("prompt", "the model's prompt format")
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -272,8 +293,8 @@ and Recovery Techniques for Compressing MLLMs* (arXiv 2507.20749).
 
 ## Original vs compressed
 
-Accuracy on {samples} held-out ShapesVQA questions; latency measured on the machine that ran the job
-(batch 1, medians, both models interleaved in one process).
+Accuracy ({metric.replace('_', ' ')}) on {evaluated}, prompted with {prompt}; latency measured on the
+machine that ran the job (batch 1, medians, both models interleaved in one process).
 
 {chr(10).join(table)}
 

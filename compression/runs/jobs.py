@@ -285,10 +285,10 @@ def _death_reason(job: dict[str, Any], now: float) -> str | None:
     if child is not None and child.pid == pid and child.poll() is not None:
         code = child.returncode
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        return f"worker process {pid} {how} without reporting"
+        return f"worker process {pid} {how} without reporting" + _last_error(job["id"])
     if not _alive(pid, job["id"]):
         return (f"worker process {pid} disappeared without reporting (killed, e.g. by SIGKILL or the "
-                "out-of-memory killer)")
+                "out-of-memory killer)" + _last_error(job["id"]))
     if now - beat > heartbeat_stale_after():
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -296,6 +296,18 @@ def _death_reason(job: dict[str, Any], now: float) -> str | None:
             pass
         return f"no heartbeat from worker process {pid} for {now - beat:.0f}s (hung); killed it"
     return None
+
+
+def _last_error(job_id: str) -> str:
+    """``; last error in its log: <line>`` from the job's log (a traceback's final line), or nothing."""
+    import re
+
+    try:
+        lines = log_path(job_id).read_text(errors="replace").splitlines()[-200:]
+    except OSError:
+        return ""
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*", line)]
+    return f"; last error in its log: {errors[-1][:300]}" if errors else ""
 
 
 def _alive(pid: int, job_id: str) -> bool:
@@ -368,11 +380,11 @@ def run_worker(job_id: str) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(job_id, pid, stop), daemon=True).start()
-    recipe = Recipe.from_yaml(job["recipe"])
     reporter = _Reporter(job_id, pid)
     work = job_dir(job_id) / "work"
     print(f"[worker {pid}] job {job_id}, attempt {job['attempts']}", flush=True)
     try:
+        recipe = Recipe.from_yaml(job["recipe"])
         pipeline.run_recipe(recipe, runs_dir() / job_id, progress=reporter, work_dir=work,
                             log=lambda line: print(line, flush=True), overwrite=True,
                             extra_logs={"worker.log": log_path(job_id)})
@@ -384,8 +396,10 @@ def run_worker(job_id: str) -> int:
         import traceback
 
         traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _finish(job_id, pid, "failed", f"{type(e).__name__}: {first}"[:500])
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+        # bad input (ValueError and kin) already reads as one line naming the value; anything else says its type
+        reason = first if isinstance(e, ValueError) else f"{type(e).__name__}: {first}"
+        _finish(job_id, pid, "failed", reason[:500])
         return 1
     finally:
         stop.set()

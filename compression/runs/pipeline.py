@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from compression.data import shapes as data
+from compression.data.sources import Selection, open_source, select
 from compression.measure import evaluate
 from compression.methods import importance, prune, quantize, recover, tokens
 from compression.models import LoadedModel, load, parameter_counts
@@ -38,11 +38,28 @@ Progress = Callable[[str, int, int, "float | None"], None]
 STAGES = ("load", "prune", "recover", "quantize", "evaluate", "save")
 
 
-def train_subset(fraction: float, seed: int) -> list[data.Sample]:
-    """The recipe's fraction of the ShapesVQA train split: the same indices ``data.fraction`` picks,
-    generated one by one (not all 40,000 first)."""
-    indices = data.fraction(list(range(data.SPLIT_SIZES["train"])), fraction, seed)
-    return [data.generate("train", i) for i in indices]
+def data_selections(recipe: Recipe, seed: int) -> dict[str, Selection]:
+    """The records every step reads, named by the recipe's ``data:`` section and checked before any model
+    work starts (a bad record stops the run here, naming it, rather than after an hour of training)."""
+    spec = recipe.data
+    out: dict[str, Selection] = {}
+    if recipe.recovery.mode != "none":
+        train = spec.train
+        out["train"] = select(open_source(train.source, "train"), samples=train.samples, fraction=train.fraction,
+                              seed=seed, on_error=train.on_error, order="random")
+    evaluation = spec.eval
+    source = open_source(evaluation.source, "eval")
+    # one file for both: evaluation never scores a record that recovery trained on
+    held_out = out["train"].indices if "train" in out and out["train"].source.fingerprint() == \
+        source.fingerprint() else ()
+    out["eval"] = select(source, samples=evaluation.samples, fraction=evaluation.fraction, seed=seed,
+                         need_images=True, on_error=evaluation.on_error, exclude=held_out)
+    if recipe.prune.method != "none" and recipe.prune.scorer != "magnitude":
+        calibration = spec.calibration
+        out["calibration"] = select(open_source(calibration.source, "calibration"), samples=calibration.samples,
+                                    fraction=calibration.fraction, seed=seed, need_images=True,
+                                    on_error=calibration.on_error, order="random")
+    return out
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = None,
@@ -78,17 +95,21 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
     # ---------------------------------------------------------------- load
     stage("load")
     t = time.time()
+    selections = data_selections(recipe, seed)
+    for role, selection in selections.items():
+        say(f"data for {role}: {selection.describe()}")
     original = load(recipe.model)
     if not original.has_weights:
         raise ValueError(f"model {recipe.model} is config-only (no weights); a run needs weights")
     original.model.requires_grad_(False)
-    say(f"loaded {original.name}: {parameter_counts(original.model, original.anatomy)['total']:,} parameters")
+    say(f"loaded {original.name}: {parameter_counts(original.model, original.anatomy)['total']:,} parameters; "
+        f"prompted with {original.prompt.name}")
     timings["load_s"] = time.time() - t
 
     # ---------------------------------------------------------------- prune
     stage("prune")
     t = time.time()
-    student, plan = _pruned_student(recipe, original, work, say)
+    student, plan = _pruned_student(recipe, original, work, say, selections.get("calibration"))
     timings["prune_s"] = time.time() - t
 
     # ---------------------------------------------------------------- recover
@@ -97,7 +118,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
     recovery_info: dict[str, Any] = {"mode": recipe.recovery.mode, "distillation": recipe.recovery.distillation}
     if recipe.recovery.mode != "none":
         spec = recipe.recovery
-        samples = train_subset(spec.data_fraction, seed)
+        samples = selections["train"]
         mapping = recover.layer_mapping(
             original.anatomy.num_layers, plan.layers_removed if plan is not None else None, spec.hidden_layers)
         config = recover.RecoveryConfig(
@@ -106,9 +127,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
             batch_size=spec.batch_size, seed=seed, lora_r=spec.lora_r, lora_alpha=spec.lora_alpha,
             checkpoint_every=spec.checkpoint_every, max_steps=spec.max_steps,
             checkpoint_dir=work / "checkpoint" if work is not None else None)
-        say(f"recovery: {spec.mode}, distillation {spec.distillation}, {len(samples)} samples "
-            f"({spec.data_fraction:.3g} of the train split), {spec.epochs} epoch(s)")
-        result = recover.recover(student.model, student.anatomy, student.processor, samples, config,
+        say(f"recovery: {spec.mode}, distillation {spec.distillation}, on {samples.describe()}, "
+            f"{spec.epochs} epoch(s)")
+        result = recover.recover(student.model, student.anatomy, student.prompt, samples, config,
                                  teacher=original.model, log=say,
                                  progress=lambda step, total, loss: stage("recover", step, total, loss))
         student.model = result.model
@@ -117,7 +138,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
         say(f"recovery done: {result.steps} steps in {result.seconds:.1f}s"
             + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
         recovery_info.update(steps=result.steps, seconds=round(result.seconds, 2), resumed_from=result.resumed_from,
-                             train_samples=len(samples), data_fraction=spec.data_fraction,
+                             train_samples=len(samples), data_fraction=samples.fraction,
+                             supervised_tokens=result.supervised_tokens,
                              final_loss=result.losses[-1] if result.losses else None,
                              hidden_layers={str(k): v for k, v in mapping.items()}
                              if "hidden" in spec.distillation else None)
@@ -139,8 +161,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
         generate_fn, inputs_fn = _token_pruning(recipe)
         say(f"visual tokens: keeping {recipe.visual_tokens.keep_ratio:.0%} ({recipe.visual_tokens.scorer}, "
             f"alpha {recipe.visual_tokens.alpha})")
-    test = data.load_split("test", recipe.eval_samples)
-    metrics = _measure(original, student, test, generate_fn, inputs_fn, plan, say)
+    metrics = _measure(original, student, selections["eval"], recipe.data.eval, generate_fn, inputs_fn, plan, say)
+    metrics["data"] = {role: selection.summary() for role, selection in selections.items()}
+    metrics["prompt"] = original.prompt.name
     timings["evaluate_s"] = time.time() - t
 
     # ---------------------------------------------------------------- save
@@ -172,7 +195,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
     return metrics
 
 
-def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, say):
+def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, say,
+                    calibration: Selection | None):
     """The student before recovery: a pruned copy of the original (or the copy kept in ``work``)."""
     kept = work / "pruned" if work is not None else None
     if kept is not None and (kept / "config.json").is_file():
@@ -184,7 +208,7 @@ def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, sa
                           original.kind, original.path, True, original.fingerprint)
     plan = None
     if recipe.prune.method != "none":
-        scores = _importance_scores(recipe, original, say)
+        scores = _importance_scores(recipe, original, calibration)
         plan = prune.make_plan((student.model, student.anatomy), recipe.prune.method, ratio=recipe.prune.ratio,
                                scores=scores, layer_range=recipe.prune.layer_range, scorer=recipe.prune.scorer)
         student.model, student.anatomy = prune.apply_plan(student.model, student.anatomy, plan)
@@ -202,12 +226,11 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _importance_scores(recipe: Recipe, original: LoadedModel, say):
+def _importance_scores(recipe: Recipe, original: LoadedModel, calibration: Selection | None):
     """Scores the plan ranks by, from compression.methods.importance (cached per model and data)."""
-    n = recipe.prune.calibration_samples
     if recipe.prune.method == "layer":
-        return importance.cached_importance(original, "layers", recipe.prune.scorer, n)
-    return {kind: importance.cached_importance(original, kind, recipe.prune.scorer, n)
+        return importance.cached_importance(original, "layers", recipe.prune.scorer, calibration)
+    return {kind: importance.cached_importance(original, kind, recipe.prune.scorer, calibration)
             for kind in ("heads", "neurons")}
 
 
@@ -240,23 +263,25 @@ def _save_model(student: LoadedModel, folder: Path, plan) -> None:
     prune.save_pruned(student.model, student.processor, folder, plan)
 
 
-def _measure(original: LoadedModel, student: LoadedModel, test: list[data.Sample], generate_fn, inputs_fn, plan,
+def _measure(original: LoadedModel, student: LoadedModel, test: Selection, spec, generate_fn, inputs_fn, plan,
              say) -> dict[str, Any]:
-    """Accuracy of both on the same test questions; latency of both interleaved in this process."""
-    report: dict[str, Any] = {"eval_samples": len(test)}
+    """Accuracy of both on the same records; latency of both interleaved in this process."""
+    report: dict[str, Any] = {"eval_samples": len(test), "eval_data": test.describe()}
     for name, loaded, fn in (("original", original, None), ("compressed", student, generate_fn)):
-        acc = evaluate.accuracy(loaded.model, loaded.processor, test, generate_fn=fn)
+        acc = evaluate.accuracy(loaded, test.records, spec.metric, max_new_tokens=spec.max_new_tokens,
+                                generate_fn=fn)
         counts = parameter_counts(loaded.model, loaded.anatomy)
-        report[name] = {"accuracy": acc.accuracy, "per_type": acc.per_type, "params_total": counts["total"],
+        report[name] = {"accuracy": acc.accuracy, "per_type": acc.per_type, "metric": acc.metric,
+                        "details": acc.details, "params_total": counts["total"],
                         "params_language": counts["language"],
                         "size_bytes": evaluate.size_bytes(loaded.model, loaded.path)}
-        say(f"{name}: accuracy {acc.accuracy:.1%} on {acc.n} test questions")
+        say(f"{name}: {acc.metric.replace('_', ' ')} {acc.accuracy:.1%} on {test.describe()}")
     feed = None
     if inputs_fn is not None:  # visual-token pruning applies to the compressed model only
         def feed(model, inputs):
             return inputs_fn(model, inputs) if model is student.model else inputs
-    timing = evaluate.latency({"original": original.model, "compressed": student.model}, original.processor,
-                              inputs_fn=feed)
+    timing = evaluate.latency({"original": original.model, "compressed": student.model},
+                              evaluate.latency_inputs(original, test.records[0]), inputs_fn=feed)
     for name in ("original", "compressed"):
         report[name].update(prefill_ms=timing[name]["prefill_ms"],
                             decode_tokens_per_s=timing[name]["decode_tokens_per_s"])

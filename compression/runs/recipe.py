@@ -45,7 +45,6 @@ class PruneSpec(_Strict):
     ratio: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of language-model parameters to remove
     scorer: str | None = None                  # None: block_influence for layer, taylor for width
     layer_range: tuple[int, int] | None = None  # [first, last) layers eligible; None: paper default
-    calibration_samples: int = Field(10, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _check(self) -> "PruneSpec":
@@ -72,7 +71,6 @@ class RecoverySpec(_Strict):
     # i = output of decoder layer i). None: the last hidden state only. "kept": every layer the
     # student kept, matched to the same layer in the teacher (for layer-pruned students).
     hidden_layers: dict[int, int] | Literal["kept"] | None = None
-    data_fraction: float = Field(0.05, gt=0.0, le=1.0)
     epochs: int = Field(1, ge=1, le=100)
     learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
     batch_size: int = Field(16, ge=1, le=4096)    # global batch, split across processes
@@ -113,6 +111,62 @@ class VisualTokensSpec(_Strict):
         return v
 
 
+Metric = Literal["auto", "exact_match", "multiple_choice", "yes_no"]
+SourceValue = str | dict[str, Any]  # a path string, 'shapes', or {path, image_root, columns, split}
+
+
+class DataUse(_Strict):
+    """One step's data: a source and how much of it. Written as a mapping ``{source, samples | fraction, ...}``,
+    or as the bare source (a string or a ``{path, image_root, columns, split}`` mapping)."""
+
+    source: SourceValue
+    samples: int | None = Field(None, ge=1, le=10_000_000)   # the first N records (eval) / a random N (else)
+    fraction: float | None = Field(None, gt=0.0, le=1.0)     # a seeded random fraction of the source
+    on_error: Literal["refuse", "skip"] = "refuse"           # a bad record stops the run, or is skipped and counted
+    metric: Metric = "auto"                                   # eval: chosen from the data's fields unless set
+    max_new_tokens: int = Field(16, ge=1, le=4096)            # eval: generation length
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str) or (isinstance(v, dict) and "source" not in v and "path" in v):
+            return {"source": v}
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: Any) -> Any:
+        from compression.data.sources import SourceSpec
+
+        try:
+            spec = SourceSpec.parse(v)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        return spec.__class__(_absolute(spec.path), spec.image_root and _absolute(spec.image_root), spec.columns,
+                              spec.split).to_value()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataUse":
+        if self.samples is not None and self.fraction is not None:
+            raise _field_error("fraction", self.fraction, "either samples or fraction, not both")
+        return self
+
+
+class DataSpec(_Strict):
+    """The data each step reads (``compression.data.sources``). The reference model defaults to the built-in
+    ShapesVQA (calibration and training from its train split, evaluation from its test split); any other
+    model must name ``train`` (when recovery trains) and ``eval``: nothing is ever scored on shapes silently."""
+
+    calibration: DataUse | None = None   # importance scores; default: the train source
+    train: DataUse | None = None         # recovery; default fraction 0.05 (the paper's headline)
+    eval: DataUse | None = None          # accuracy of the original and the compressed model; default 500 records
+
+
+DEFAULT_CALIBRATION_SAMPLES = 10   # the paper: Taylor on 10 samples
+DEFAULT_TRAIN_FRACTION = 0.05      # the paper's headline setting
+DEFAULT_EVAL_SAMPLES = 500
+
+
 class Recipe(_Strict):
     name: str | None = None
     model: str = "reference"
@@ -120,14 +174,46 @@ class Recipe(_Strict):
     recovery: RecoverySpec = RecoverySpec()
     quantize: QuantizeFormat = "none"
     visual_tokens: VisualTokensSpec = VisualTokensSpec()
-    eval_samples: int = Field(500, ge=1, le=100_000)
+    data: DataSpec = DataSpec()
+
+    @model_validator(mode="after")
+    def _data_for_model(self) -> "Recipe":
+        """Fill the reference model's ShapesVQA defaults; refuse a user model without its own data."""
+        d = self.data
+        if self.model == "reference":
+            train = d.train or DataUse(source="shapes")
+            calibration = d.calibration or DataUse(source=train.source)
+            evaluation = d.eval or DataUse(source="shapes")
+        else:
+            trains = self.recovery.mode != "none"
+            if trains and d.train is None:
+                raise _field_error("data.train", None, f"a data source for recovery of {self.model!r} (e.g. "
+                                   "data: {train: {source: my/train.json, fraction: 0.05}}); shapes are only the "
+                                   "reference model's data")
+            if d.eval is None:
+                raise _field_error("data.eval", None, f"a data source to evaluate {self.model!r} on (e.g. data: "
+                                   "{eval: {source: my/test.json, samples: 500}})")
+            train, evaluation = d.train, d.eval
+            calibration = d.calibration or (DataUse(source=train.source) if train is not None else None)
+            needs_data = self.prune.method != "none" and self.prune.scorer != "magnitude"
+            if needs_data and calibration is None:
+                raise _field_error("data.calibration", None, "a data source for the importance scores (or "
+                                   "data.train, which calibration then uses)")
+        if train is not None and train.samples is None and train.fraction is None:
+            train = train.model_copy(update={"fraction": DEFAULT_TRAIN_FRACTION})
+        if calibration is not None and calibration.samples is None and calibration.fraction is None:
+            calibration = calibration.model_copy(update={"samples": DEFAULT_CALIBRATION_SAMPLES})
+        if evaluation.samples is None and evaluation.fraction is None:
+            evaluation = evaluation.model_copy(update={"samples": DEFAULT_EVAL_SAMPLES})
+        self.__dict__["data"] = DataSpec.model_construct(calibration=calibration, train=train, eval=evaluation)
+        return self
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("expected 'reference', a model folder, 'config:<name>' or a hub id")
-        return v.strip()
+        return _absolute(v.strip()) if v.strip() != "reference" else "reference"
 
     @field_validator("name")
     @classmethod
@@ -170,7 +256,10 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.model_dump(mode="json")
+        d = self.model_dump(mode="json", exclude_none=False)
+        for role, use in list(d["data"].items()):
+            if use is None:
+                del d["data"][role]
         if d["prune"]["layer_range"] is not None:
             d["prune"]["layer_range"] = list(d["prune"]["layer_range"])
         return d
@@ -194,7 +283,14 @@ def _safe_name(name: str) -> bool:
 
 def _field_error(field: str, value: Any, expected: str) -> ValueError:
     # A model validator's error has no location of its own; the field name travels in the message.
-    return ValueError(f"@{field}@ got {value!r}; expected {expected}")
+    got = "missing" if value is None else f"got {value!r}"
+    return ValueError(f"@{field}@ {got}; expected {expected}")
+
+
+def _absolute(path: str) -> str:
+    """A relative path that exists from here, made absolute: a background job runs from the repository root."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if not p.is_absolute() and p.exists() else path
 
 
 _EXPECTED = {

@@ -1,0 +1,264 @@
+"""Prompts from the model: chat messages -> the model's own text format -> processor inputs.
+
+Every step that feeds the model text (calibration, recovery, evaluation, ``ask``, token maps, the export
+check) builds it here. When the processor (or its tokenizer) has a chat template, the text is
+``processor.apply_chat_template(messages, tokenize=False, ...)``; otherwise the LLaVA-1.5 conversation
+format (``USER: <image>\\n... ASSISTANT: ...</s>``, the ``llava_v1`` template of the LLaVA repository
+without its system prompt) is the fallback, and :attr:`PromptFormat.name` says which one was used.
+
+Training labels cover every assistant turn of a conversation, whatever the template: for assistant turn
+``k`` the supervised tokens are those of ``render(messages[:k + 1])`` beyond ``render(messages[:k],
+add_generation_prompt=True)`` (the reply and the template's end-of-turn tokens), found by tokenizing both
+prefixes through the processor, which expands the image placeholders to the model's visual tokens.
+
+User text is checked before it reaches the model: a literal image token typed in the text, and inputs
+longer than the model's context (``max_position_embeddings``), each get one line naming the record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from compression.data.records import DataError, Record, image_count
+
+FALLBACK = "LLaVA-1.5 prompt (the model has no chat template)"
+
+
+@dataclass
+class PromptFormat:
+    """How one model's processor turns chat messages into text."""
+
+    processor: Any
+    uses_chat_template: bool
+    image_token: str
+    max_length: int | None  # the model's context, in tokens (None: unknown)
+
+    @property
+    def name(self) -> str:
+        return "the model's chat template" if self.uses_chat_template else FALLBACK
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        messages = list(messages)
+        if self.uses_chat_template:
+            return self.processor.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        return _llava_v1(messages, self.image_token, add_generation_prompt, _eos(self.processor))
+
+
+def prompt_format(processor, config=None) -> PromptFormat:
+    """The model's prompt format, from its processor (and config, for the context length)."""
+    template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
+                                                                    "chat_template", None)
+    token = getattr(processor, "image_token", None) or "<image>"
+    limit = None
+    if config is not None:
+        text = getattr(config, "text_config", config)
+        limit = getattr(text, "max_position_embeddings", None)
+    return PromptFormat(processor, bool(template), token, limit)
+
+
+def _eos(processor) -> str:
+    tok = getattr(processor, "tokenizer", processor)
+    return tok.eos_token or ""
+
+
+def _llava_v1(messages: list[dict], image_token: str, add_generation_prompt: bool, eos: str) -> str:
+    """``USER: <image>\\nq ASSISTANT: a</s>USER: q2 ASSISTANT:`` (system text, if any, first)."""
+    out = []
+    for m in messages:
+        parts = m["content"] if not isinstance(m["content"], str) else [{"type": "text", "text": m["content"]}]
+        text = ""
+        for p in parts:
+            if p.get("type") == "image":
+                text += ("\n" if text and not text.endswith("\n") else "") + image_token + "\n"
+            else:
+                text += (" " if text and not text.endswith("\n") else "") + p["text"].strip()
+        text = text.strip()
+        if m["role"] == "system":
+            out.append(text + " ")
+        elif m["role"] == "user":
+            out.append(f"USER: {text} ")
+        else:
+            out.append(f"ASSISTANT: {text}{eos}")
+    if add_generation_prompt:
+        out.append("ASSISTANT:")
+    return "".join(out).rstrip(" ") if add_generation_prompt else "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def check_text(fmt: PromptFormat, text: str, what: str = "the question") -> None:
+    """A literal image token typed in user text would be expanded to visual tokens: refuse it."""
+    if fmt.image_token and fmt.image_token in text:
+        raise DataError(f"{what} contains the image token {fmt.image_token!r}; expected plain text (the image is "
+                        "placed by the prompt)")
+
+
+def _check_records(fmt: PromptFormat, records: Sequence[Record]) -> None:
+    for r in records:
+        for m in r.messages:
+            parts = m["content"] if not isinstance(m["content"], str) else [{"type": "text", "text": m["content"]}]
+            for p in parts:
+                if p.get("type") == "text":
+                    check_text(fmt, p["text"], f"record {r.index} ({r.id})")
+
+
+def _check_length(fmt: PromptFormat, records: Sequence[Record], lengths: Sequence[int]) -> None:
+    if fmt.max_length is None:
+        return
+    for r, n in zip(records, lengths):
+        if n > fmt.max_length:
+            raise DataError(f"record {r.index} ({r.id}) is {n} tokens with its image(s); the model accepts at most "
+                            f"{fmt.max_length} (max_position_embeddings): shorten the text")
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+def _images_in(messages: Sequence[dict], record: Record) -> list[Image.Image]:
+    return record.images[:image_count(list(messages))]
+
+
+def _call(processor, texts: list[str], images: list[Image.Image], padding_side: str) -> dict[str, torch.Tensor]:
+    tok = processor.tokenizer
+    previous = tok.padding_side
+    tok.padding_side = padding_side
+    try:
+        kwargs = {"images": images} if images else {}
+        return processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+    finally:
+        tok.padding_side = previous
+
+
+def _token_count(processor, text: str, images: list[Image.Image]) -> int:
+    return int(_call(processor, [text], images, "right")["input_ids"].shape[1])
+
+
+def generation_inputs(fmt: PromptFormat, batch: Sequence[tuple[list[dict], list[Image.Image]]]):
+    """Left-padded processor inputs for generation from ``(messages, images)`` pairs (the prompt only)."""
+    texts = [fmt.render(messages, add_generation_prompt=True) for messages, _ in batch]
+    images = [im for _, ims in batch for im in ims]
+    inputs = _call(fmt.processor, texts, images, "left")
+    if fmt.max_length is not None and inputs["input_ids"].shape[1] > fmt.max_length:
+        lengths = inputs["attention_mask"].sum(1).tolist()
+        worst = max(range(len(lengths)), key=lambda i: lengths[i])
+        raise DataError(f"a prompt is {lengths[worst]} tokens with its image(s) (batch item {worst}); the model "
+                        f"accepts at most {fmt.max_length} (max_position_embeddings): shorten the question")
+    return inputs
+
+
+def question_inputs(fmt: PromptFormat, images: list[Image.Image], questions: list[str]):
+    """Generation inputs for one question per image (``ask``, Compare, token maps, latency)."""
+    from compression.data.records import single_turn
+
+    for q in questions:
+        if not q.strip():
+            raise DataError("the question is empty; expected a question about the image")
+        check_text(fmt, q)
+    return generation_inputs(fmt, [(single_turn(q), [im]) for q, im in zip(questions, images)])
+
+
+def record_generation_inputs(fmt: PromptFormat, records: Sequence[Record], messages: Sequence[list[dict]]):
+    """Generation inputs for records whose prompts are ``messages`` (e.g. with choices rendered)."""
+    _check_records(fmt, records)
+    return generation_inputs(fmt, [(m, _images_in(m, r)) for r, m in zip(records, messages)])
+
+
+def training_inputs(fmt: PromptFormat, records: Sequence[Record]) -> dict[str, torch.Tensor]:
+    """Teacher-forcing inputs, right-padded, with ``labels`` on every assistant turn (-100 elsewhere).
+
+    Shapes: ``input_ids``, ``attention_mask``, ``labels`` `[B, T]`, plus the processor's image inputs
+    (``pixel_values`` and whatever the family needs) for the images of the batch, in order.
+    """
+    _check_records(fmt, records)
+    texts = [fmt.render(r.messages) for r in records]
+    images = [im for r in records for im in r.images]
+    inputs = dict(_call(fmt.processor, texts, images, "right"))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    _check_length(fmt, records, mask.sum(1).tolist())
+    labels = torch.full_like(ids, -100)
+    for row, (r, text) in enumerate(zip(records, texts)):
+        length = int(mask[row].sum())
+        for start, end in _assistant_token_spans(fmt, r, text, ids[row, :length].tolist()):
+            labels[row, start:end] = ids[row, start:end]
+    inputs["labels"] = labels
+    return inputs
+
+
+def _assistant_char_spans(fmt: PromptFormat, record: Record, text: str) -> list[tuple[int, int]] | None:
+    """Character spans of the assistant turns in the rendered conversation, from prefix renders; None when a
+    prefix render is not a prefix of the whole text (then token counts decide)."""
+    spans = []
+    for k, m in enumerate(record.messages):
+        if m["role"] != "assistant":
+            continue
+        before = fmt.render(record.messages[:k], add_generation_prompt=True)
+        through = fmt.render(record.messages[:k + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+            return None
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def _assistant_token_spans(fmt: PromptFormat, record: Record, text: str, expanded: list[int]) -> list[tuple[int, int]]:
+    """Token spans ``[start, end)`` of the assistant turns in the processor's (image-expanded) ids.
+
+    The text is tokenized once more without image expansion, with character offsets; a token is supervised
+    when it lies inside an assistant turn's characters, or when its part inside the turn is more than
+    whitespace (a byte-level BPE merges a turn's trailing space into the next word: that token belongs to
+    the next turn). The unexpanded tokens are then walked against the expanded ids, an image token standing
+    for its run of visual tokens. Without offsets (slow tokenizers) or prefix renders, token counts of the
+    prefixes decide.
+    """
+    chars = _assistant_char_spans(fmt, record, text)
+    tok = fmt.processor.tokenizer
+    if chars is not None and getattr(tok, "is_fast", False):
+        enc = tok(text, return_offsets_mapping=True)
+        unexpanded, offsets = enc["input_ids"], enc["offset_mapping"]
+        positions = _align(unexpanded, expanded, _image_token_ids(fmt))
+        if positions is not None:
+            spans = []
+            for lo, hi in chars:
+                chosen = [positions[i] for i, (a, b) in enumerate(offsets)
+                          if b > a and lo <= a < hi and (b <= hi or text[a:hi].strip())]
+                if chosen:
+                    spans.append((min(chosen), max(chosen) + 1))
+            return spans
+    spans = []
+    for k, m in enumerate(record.messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = record.messages[:k]
+        start = _token_count(fmt.processor, fmt.render(prefix, add_generation_prompt=True), _images_in(prefix, record))
+        end = _token_count(fmt.processor, fmt.render(record.messages[:k + 1]),
+                           _images_in(record.messages[:k + 1], record))
+        spans.append((start, min(end, len(expanded))))
+    return spans
+
+
+def _image_token_ids(fmt: PromptFormat) -> set[int]:
+    tok = fmt.processor.tokenizer
+    ids = {getattr(fmt.processor, "image_token_id", None)}
+    ids.add(tok.convert_tokens_to_ids(fmt.image_token) if fmt.image_token else None)
+    return {i for i in ids if isinstance(i, int) and i != tok.unk_token_id}
+
+
+def _align(unexpanded: list[int], expanded: list[int], image_ids: set[int]) -> list[int] | None:
+    """Position in ``expanded`` of each token of ``unexpanded`` (an image token matches its whole run)."""
+    positions, j = [], 0
+    for token in unexpanded:
+        if j >= len(expanded) or expanded[j] != token:
+            return None
+        positions.append(j)
+        j += 1
+        if token in image_ids:
+            while j < len(expanded) and expanded[j] == token:
+                j += 1
+    return positions if j == len(expanded) else None
+
+
+def supervised_tokens(inputs: dict[str, torch.Tensor]) -> int:
+    """How many tokens a training batch supervises (labels other than -100)."""
+    return int((inputs["labels"] != -100).sum())
