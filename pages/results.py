@@ -13,6 +13,13 @@ if not runs:
     st.info("No finished runs yet: launch a job on the Compress page.")
     st.stop()
 frame = views.runs_frame(runs)
+# accuracies on different data are not comparable: one front per evaluation set
+measured_on = list(dict.fromkeys(frame.loc[frame["kind"] != "original", "measured on"].iloc[::-1]))
+data = st.selectbox("Evaluation data", measured_on, key="results_data",
+                    help="runs are compared only with runs (and the original) scored on the same records")
+frame = frame[frame["measured on"] == data]
+runs = [r for r in runs if views.measured_on(r) == data]
+st.caption(f"Accuracy measured on **{data}**.")
 
 left, right = st.columns(2)
 left.plotly_chart(views.tradeoff_chart(frame, "size MB", "accuracy", "weights on disk (MB)",

@@ -120,6 +120,73 @@ def browser():
         chromium.close()
 
 
+def fill_text(page, label: str, value: str, sidebar: bool = False) -> None:
+    where = page.locator("[data-testid=stSidebar]") if sidebar else page.locator("[data-testid=stMain]")
+    field = where.get_by_label(label, exact=True)
+    field.fill(value)
+    field.press("Enter")
+
+
+def test_users_model_and_data_from_the_sidebar_to_results(browser, tmp_path):
+    """A llava-1.5-geometry folder of one's own and LLaVA-format data, picked in the sidebar: a job trains
+    on the user's records and Results shows the accuracy measured on the user's test file."""
+    from tests.tiny import save_llava15, write_llava_dataset
+
+    model = save_llava15(tmp_path / "my-llava", layers=2)
+    train = write_llava_dataset(tmp_path / "mydata", n=8, seed=1, name="train.json", image_dir="train")
+    test = write_llava_dataset(tmp_path / "mydata", n=4, seed=2, multi_turn=False, name="test.json", image_dir="test")
+    cache = tmp_path / "cache"
+    server = start_server(cache, port := free_port())
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(120_000)
+        page.goto(f"http://localhost:{port}/", wait_until="commit")
+        page.locator("[data-testid=stMain] h1").filter(has_text="Model").wait_for()
+        sidebar = page.locator("[data-testid=stSidebar]")
+        settle(page)
+        sidebar.get_by_text("Local folder", exact=True).click()
+        settle(page)
+        fill_text(page, "Folder (or a config.json)", str(model), sidebar=True)
+        settle(page)
+        page.get_by_text("Pick the data to measure").wait_for()  # no data chosen: nothing is measured on shapes
+        sidebar.get_by_text("LLaVA JSON + image folder", exact=True).click()
+        settle(page)
+        fill_text(page, "File", str(test), sidebar=True)
+        settle(page)
+        page.get_by_text("Model's answer:").wait_for()
+        assert "what colour is the square?" in page.locator("[data-testid=stMain]").inner_text()
+        no_exception(page)
+        shot(page, "11-own-model")
+
+        open_page(page, "Compress")
+        settle(page)
+        assert page.locator("[data-testid=stSidebar]").get_by_text("Local folder", exact=True).is_visible()
+        page.get_by_label("Run name (optional)").fill("mine")
+        choose(page, "Train", "projector")
+        choose(page, "Distillation from the original", "none")
+        page.get_by_label("Training data (recovery and calibration)").fill(str(train))
+        fill_number(page, "Fraction of the training data", 1.0)
+        fill_number(page, "Max steps (0 = one full epoch)", 2)
+        fill_number(page, "Evaluation records (of the sidebar's data)", 4)
+        page.get_by_role("button", name="Launch job").click()
+        page.get_by_text("Finished: run").wait_for(timeout=600_000)
+        no_exception(page)
+        shot(page, "12-own-compress")
+        [run] = list((cache / "runs").iterdir())
+        import json
+
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["data"]["train"]["label"] == "train.json" and metrics["data"]["eval"]["label"] == "test.json"
+
+        open_page(page, "Results")
+        settle(page)
+        assert "4 records of test.json" in page.locator("[data-testid=stMain]").inner_text()
+        no_exception(page)
+        shot(page, "13-own-results")
+    finally:
+        stop_server(server)
+
+
 def test_reference_model_from_importance_to_export(browser, reference_path, tmp_path):
     cache = tmp_path / "cache"
     server = start_server(cache, port := free_port())
@@ -150,9 +217,9 @@ def test_reference_model_from_importance_to_export(browser, reference_path, tmp_
         page.get_by_label("Run name (optional)").fill("e2e")
         choose(page, "Train", "projector")
         choose(page, "Distillation from the original", "none")
-        fill_number(page, "Data fraction", 0.01)
+        fill_number(page, "Fraction of the training data", 0.01)
         fill_number(page, "Max steps (0 = one full epoch)", 2)
-        fill_number(page, "Test questions", 8)
+        fill_number(page, "Evaluation records (of the sidebar's data)", 8)
         page.get_by_role("button", name="Launch job").click()
         page.get_by_text("Finished: run").wait_for(timeout=600_000)  # the fragment polls every 2 s
         assert "job=e2e-" in page.url  # a refresh or a new tab reconnects to it

@@ -313,6 +313,12 @@ def _describe_recipe(recipe: dict) -> str:
     return ", ".join(parts) or "no compression"
 
 
+def measured_on(run: dict) -> str:
+    """What a run's accuracies were measured on (runs written before the data section: ShapesVQA)."""
+    m = run["metrics"]
+    return m.get("eval_data") or f"{m.get('eval_samples')} ShapesVQA questions"
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -337,16 +343,15 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
             "params kept (measured)": c["params_total"] / o["params_total"],
             "params kept (estimated)": _ratio((what_if.get("compressed") or {}).get("params_total"),
                                              (what_if.get("original") or {}).get("params_total")),
-            "measured on": m.get("eval_data") or f"{m.get('eval_samples')} ShapesVQA questions",
+            "measured on": measured_on(run),
             "eval questions": m.get("eval_samples"), "finished": pd.Timestamp(run["finished"], unit="s").floor("s"),
         })
-        measured_on = m.get("eval_data") or f"{m.get('eval_samples')} ShapesVQA questions"
         # an original is one point per (model, evaluation data): runs scored on other data are not comparable
-        originals.setdefault((recipe.get("model", "?"), measured_on), {
+        originals.setdefault((recipe.get("model", "?"), measured_on(run)), {
             "name": f"original: {recipe.get('model', '?')}", "kind": "original", "original": recipe.get("model", "?"),
             "recipe": "as loaded", "accuracy": o["accuracy"], "accuracy kept": 1.0, "params": o["params_total"],
             "size MB": o["size_bytes"] / 1e6, "prefill ms": o.get("prefill_ms"),
-            "decode tok/s": o.get("decode_tokens_per_s"), "measured on": measured_on,
+            "decode tok/s": o.get("decode_tokens_per_s"), "measured on": measured_on(run),
             "eval questions": m.get("eval_samples")})
     return pd.DataFrame(list(originals.values()) + rows)
 
