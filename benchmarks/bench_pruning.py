@@ -1,8 +1,9 @@
 """Layerwise vs widthwise pruning of the reference model without recovery (measured).
 
-    .venv/bin/python benchmarks/bench_pruning.py                         # reference model, 500 test questions
-    .venv/bin/python benchmarks/bench_pruning.py --model /tmp/ref_small --samples 64 --repeats 3   # quick CPU run
+    .venv/bin/python benchmarks/bench_pruning.py                         # reference model, 500 ShapesVQA test questions
+    .venv/bin/python benchmarks/bench_pruning.py --samples 20 --calibration 8 --repeats 1 --out /tmp/bench  # smoke run
     .venv/bin/python -u benchmarks/bench_pruning.py --threads 1 --repeats 5    # on a shared, busy machine
+    .venv/bin/python benchmarks/bench_pruning.py --model MODEL --data my_eval.json   # your model on your own data
 
 For each fraction of language-model parameters (10/20/30/40/50 %):
 
@@ -10,13 +11,14 @@ For each fraction of language-model parameters (10/20/30/40/50 %):
 - widthwise: Taylor-scored heads and neurons, the paper's layer range (first 3 and the last layer
   left whole); where that range cannot give the budget, every layer instead (``width-all``);
 
-then zero-shot accuracy on the held-out test split (``compression.measure.evaluate.accuracy``) and
-prefill latency of every pruned model interleaved with the original in one process
-(``compression.measure.evaluate.latency``), against the ideal speedup (FLOP ratio from
+then zero-shot accuracy on held-out records (``--data``, default ``shapes``: the reference model's ShapesVQA,
+its test split for accuracy and its train split for calibration; ``compression.measure.evaluate.accuracy``) and
+prefill latency of every pruned model interleaved with the original in one process, on the first
+evaluation record (``compression.measure.evaluate.latency``), against the ideal speedup (FLOP ratio from
 ``compression.measure.whatif``). Peak memory of the Taylor pass is measured in a fresh process
 (``resource.getrusage`` max RSS) and extrapolated to LLaVA-1.5-7B.
 
-Writes benchmarks/results/pruning.csv, pruning.png and pruning.md; prints the summary.
+Writes pruning.csv, pruning.png and pruning.md into ``--out`` (default benchmarks/results); prints the summary.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression.data import shapes as data  # noqa: E402
+from compression.data.sources import open_source, select  # noqa: E402
 from compression.measure import evaluate
 from compression.methods import importance
 from compression import models
@@ -50,10 +52,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_probe(model_source: str, samples: int) -> dict:
+def memory_probe(model_source: str, data: str, samples: int) -> dict:
     """Runs in a fresh process: resident memory before and peak during one Taylor pass per kind."""
     loaded = models.load(model_source)
-    batches = importance.calibration_batches(loaded.processor, importance.calibration_samples(samples))
+    calibration = importance.calibration_selection(data, samples)
+    batches = importance.calibration_batches(loaded.prompt, calibration.records)
     out = {"model_bytes": models.tensor_bytes(loaded.model)}
     for kind in ("heads", "neurons"):
         before = _rss_bytes()
@@ -87,27 +90,33 @@ def estimate_7b_memory(tokens: int = 650, batch: int = 1) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="reference")
+    parser.add_argument("--data", default="shapes",
+                        help="records for accuracy and calibration: 'shapes' (the reference model's ShapesVQA), a "
+                             "LLaVA-format .json/.jsonl file or a Hugging Face dataset folder / parquet file")
     parser.add_argument("--samples", type=int, default=500, help="test questions for accuracy")
     parser.add_argument("--calibration", type=int, default=32, help="calibration samples for importance")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where CSV / PNG / MD go")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.model, args.calibration)))
+        print(json.dumps(memory_probe(args.model, args.data, args.calibration)))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     loaded = models.load(args.model)
-    test = data.load_split("test", args.samples)
-    base = evaluate.accuracy(loaded.model, loaded.processor, test)
-    print(f"original: accuracy {base.accuracy:.1%} on {base.n} test questions")
+    test = select(open_source(args.data, "eval"), samples=args.samples, need_images=True)
+    records = test.records
+    base = evaluate.accuracy(loaded, records)
+    print(f"original: accuracy {base.accuracy:.1%} on {test.describe()}")
 
     start = time.perf_counter()
-    scores = {"layer": importance.cached_importance(loaded, "layers", "block_influence", args.calibration),
-              "width": {k: importance.cached_importance(loaded, k, "taylor", args.calibration)
+    calibration = importance.calibration_selection(args.data, args.calibration)
+    scores = {"layer": importance.cached_importance(loaded, "layers", "block_influence", calibration),
+              "width": {k: importance.cached_importance(loaded, k, "taylor", calibration)
                         for k in ("heads", "neurons")}}
     scoring_s = time.perf_counter() - start
     print("block influence per layer:", [round(s, 4) for s in scores["layer"]["score"]])
@@ -130,7 +139,7 @@ def main() -> None:
                 continue
             model = copy.deepcopy(loaded.model)
             model, anatomy = prune.apply_plan(model, loaded.anatomy, plan)
-            acc = evaluate.accuracy(model, loaded.processor, test)
+            acc = evaluate.accuracy(loaded, records, model=model)
             estimate = prune.what_if(loaded, plan, hardware="cpu")
             key = f"{name} {ratio:.0%}"
             pruned_models[key] = model
@@ -145,7 +154,7 @@ def main() -> None:
                   f"({acc.accuracy / max(base.accuracy, 1e-9):.1%} of the original)")
 
     print(f"timing {len(pruned_models)} models interleaved ({args.repeats} repeats)...")
-    timings = evaluate.latency(pruned_models, loaded.processor, repeats=args.repeats)
+    timings = evaluate.latency(pruned_models, evaluate.latency_inputs(loaded, records[0]), repeats=args.repeats)
     original_ms = timings["original"]["prefill_ms"]
     for row in rows:
         if row.get("key") in timings:
@@ -154,15 +163,16 @@ def main() -> None:
                        speedup=original_ms / t["prefill_ms"])
             row["speedup_vs_ideal"] = row["speedup"] / row["ideal_speedup"]
 
-    probe = subprocess.run([sys.executable, __file__, "--memory-probe", "--model", args.model, "--calibration",
-                            str(args.calibration)], capture_output=True, text=True, timeout=900)
+    probe = subprocess.run([sys.executable, __file__, "--memory-probe", "--model", args.model, "--data", args.data,
+                            "--calibration", str(args.calibration)], capture_output=True, text=True, timeout=900)
     memory = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else {"error": probe.stderr[-500:]}
     est = estimate_7b_memory()
 
     fields = ["series", "ratio_requested", "ratio_achieved", "params_after", "accuracy", "kept", "prefill_ms",
               "speedup", "ideal_speedup", "speedup_vs_ideal", "estimated_cpu_prefill_ms", "decode_tokens_per_s",
               "layers_removed", "widths", "per_type", "infeasible"]
-    with open(RESULTS / "pruning.csv", "w", newline="") as f:
+    tmp_csv = args.out / "pruning.csv.tmp"
+    with open(tmp_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerow({"series": "original", "ratio_requested": 0, "ratio_achieved": 0, "accuracy": base.accuracy,
@@ -170,11 +180,12 @@ def main() -> None:
                          "per_type": json.dumps(base.per_type),
                          "params_after": models.parameter_counts(loaded.model, loaded.anatomy)["total"]})
         writer.writerows(rows)
-    _chart(rows, base.accuracy)
-    _report(args, rows, base, original_ms, timings, memory, est, scoring_s, scores["layer"])
+    os.replace(tmp_csv, args.out / "pruning.csv")
+    _chart(rows, base.accuracy, args.out)
+    _report(args, rows, base, test, original_ms, timings, memory, est, scoring_s, scores["layer"])
 
 
-def _chart(rows: list[dict], base: float) -> None:
+def _chart(rows: list[dict], base: float, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -197,22 +208,23 @@ def _chart(rows: list[dict], base: float) -> None:
             title="CPU prefill speedup vs ideal (measured)")
     ax1.legend(), ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "pruning.png", dpi=110)
+    fig.savefig(out / "pruning.png", dpi=110)
 
 
 def _mb(x: float) -> str:
     return f"{x / 1e6:,.1f} MB"
 
 
-def _report(args, rows, base, original_ms, timings, memory, est, scoring_s, bi) -> None:
+def _report(args, rows, base, test, original_ms, timings, memory, est, scoring_s, bi) -> None:
     ok = [r for r in rows if not r["infeasible"]]
     lines = [
         "# Pruning without recovery: layerwise vs widthwise (measured)",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_pruning.py --model {args.model} --samples {args.samples} "
+        f"Command: `.venv/bin/python benchmarks/bench_pruning.py --model {args.model}"
+        + (f" --data {args.data}" if args.data != "shapes" else "") + f" --samples {args.samples} "
         f"--repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else "") + "`  ",
-        f"Model: `{args.model}`; {base.n} held-out test questions; importance on {args.calibration} calibration "
-        f"samples (block influence; Taylor for heads and neurons; {scoring_s:.1f} s, cached). Latency: batch 1, "
+        f"Model: `{args.model}`; accuracy ({base.metric}) on {test.describe()}; importance on {args.calibration} "
+        f"calibration samples (block influence; Taylor for heads and neurons; {scoring_s:.1f} s, cached). Latency: batch 1, "
         f"one image + question, medians of {args.repeats} interleaved repeats on this CPU "
         f"({torch.get_num_threads()} threads); original prefill {original_ms:.2f} ms.",
         "",
@@ -274,7 +286,8 @@ def _report(args, rows, base, original_ms, timings, memory, est, scoring_s, bi) 
               f"- peak: heads pass ~{est['total_heads'] / 1e9:.0f} GB, neurons pass ~{est['total_neurons'] / 1e9:.0f} GB "
               "(fits one 40 GB / 80 GB GPU; with gradients of every weight it would be "
               f"~{(est['weights'] * 2 + est['activations']) / 1e9:.0f} GB)"]
-    (RESULTS / "pruning.md").write_text("\n".join(lines) + "\n")
+    (args.out / "pruning.md.tmp").write_text("\n".join(lines) + "\n")
+    os.replace(args.out / "pruning.md.tmp", args.out / "pruning.md")
     print("\n".join(lines))
 
 
