@@ -1,14 +1,16 @@
 """bitsandbytes int8 / nf4 of the language model vs fp32, plus simulated WxAy, on the reference model (measured).
 
-    .venv/bin/python benchmarks/bench_quantize.py                    # reference model, 500 test questions
-    .venv/bin/python benchmarks/bench_quantize.py --model /tmp/ref_small --samples 64 --repeats 3   # quick CPU run
+    .venv/bin/python benchmarks/bench_quantize.py                    # reference model, 500 ShapesVQA test questions
+    .venv/bin/python benchmarks/bench_quantize.py --samples 20 --repeats 1 --out /tmp/bench   # smoke run
+    .venv/bin/python benchmarks/bench_quantize.py --model MODEL --data my_eval.json   # your model on your own data
 
 Real quantization (``compression.methods.quantize.quantize_model``): decoder linear layers only; vision tower,
 projector, embeddings and lm_head stay fp32. Sizes: bytes of the tensors in memory and of the saved
 safetensors folder. Latency: ``evaluate.latency`` with the three models interleaved (batch 1, medians).
 Simulated rows (``fake_quantize``) give accuracy only: their weights are still fp32 in memory.
+Accuracy on ``--data`` (default ``shapes``: the reference model's ShapesVQA test split); latency on its first record.
 
-Writes benchmarks/results/quantize.csv, quantize.png and quantize.md; prints the summary.
+Writes quantize.csv, quantize.png and quantize.md into ``--out`` (default benchmarks/results); prints the summary.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression.data import shapes as data  # noqa: E402
+from compression.data.sources import open_source, select  # noqa: E402
 from compression.measure import evaluate
 from compression import models
 from compression.methods import quantize
@@ -45,18 +47,25 @@ def language_bytes(model: torch.nn.Module, anatomy: models.Anatomy) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="reference")
+    parser.add_argument("--data", default="shapes",
+                        help="records for accuracy: 'shapes' (the reference model's ShapesVQA), a LLaVA-format "
+                             ".json/.jsonl file or a Hugging Face dataset folder / parquet file")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the project machine has 2 cores)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where CSV / PNG / MD go")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    samples = data.load_split("test", args.samples)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    test = select(open_source(args.data, "eval"), samples=args.samples, need_images=True)
+    records = test.records
 
     loaded = {fmt: models.load(args.model) for fmt in ("fp32", "int8", "nf4")}
     anatomy = loaded["fp32"].anatomy
     processor = loaded["fp32"].processor
+    inputs = evaluate.latency_inputs(loaded["fp32"], records[0])
     fallback = {"total": len(quantize.decoder_linears(loaded["fp32"].model, anatomy))}
     for fmt in ("int8", "nf4"):
         quantize.quantize_model(loaded[fmt].model, anatomy, fmt)
@@ -71,7 +80,7 @@ def main() -> None:
             else:
                 quantize.save_quantized(item.model, processor, folder, fmt)
             start = time.perf_counter()
-            result = evaluate.accuracy(item.model, processor, samples, batch_size=args.batch_size)
+            result = evaluate.accuracy(item, records, batch_size=args.batch_size)
             rows.append({"model": fmt, "kind": "bitsandbytes" if fmt != "fp32" else "reference",
                          "accuracy": result.accuracy, "n": result.n,
                          "tensor_bytes": models.tensor_bytes(item.model),
@@ -79,7 +88,7 @@ def main() -> None:
                          "folder_bytes": folder_bytes(folder), "eval_seconds": time.perf_counter() - start})
             print(f"  {fmt}: accuracy {result.accuracy:.1%}, folder {rows[-1]['folder_bytes'] / 1e6:.2f} MB", flush=True)
 
-    latency = evaluate.latency({fmt: item.model for fmt, item in loaded.items()}, processor, repeats=args.repeats,
+    latency = evaluate.latency({fmt: item.model for fmt, item in loaded.items()}, inputs, repeats=args.repeats,
                                warmup=3, decode_tokens=8)
     for row in rows:
         row.update(prefill_ms=latency[row["model"]]["prefill_ms"],
@@ -88,26 +97,26 @@ def main() -> None:
     fp = loaded["fp32"]
     for w_bits, a_bits in ((8, 8), (4, 16), (4, 4)):
         with quantize.fake_quantize(fp.model, anatomy, w_bits, a_bits) as handle:
-            result = evaluate.accuracy(fp.model, processor, samples, batch_size=args.batch_size)
+            result = evaluate.accuracy(fp, records, batch_size=args.batch_size)
         rows.append({"model": handle.label, "kind": "simulated", "accuracy": result.accuracy, "n": result.n,
                      "tensor_bytes": "", "decoder_bytes": "", "folder_bytes": "", "eval_seconds": "",
                      "prefill_ms": "", "decode_tokens_per_s": ""})
         print(f"  {handle.label} (simulated): accuracy {result.accuracy:.1%}", flush=True)
 
-    tmp_csv = RESULTS / "quantize.csv.tmp"
+    tmp_csv = out / "quantize.csv.tmp"
     with open(tmp_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp_csv, RESULTS / "quantize.csv")
-    chart(rows)
-    summary = summarize(args, rows, fallback, anatomy)
-    (RESULTS / "quantize.md.tmp").write_text(summary)
-    os.replace(RESULTS / "quantize.md.tmp", RESULTS / "quantize.md")
+    os.replace(tmp_csv, out / "quantize.csv")
+    chart(rows, out)
+    summary = summarize(args, rows, fallback, test, result.metric)
+    (out / "quantize.md.tmp").write_text(summary)
+    os.replace(out / "quantize.md.tmp", out / "quantize.md")
     print(summary)
 
 
-def chart(rows: list[dict]) -> None:
+def chart(rows: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,15 +136,16 @@ def chart(rows: list[dict]) -> None:
         ax.set_title(title, fontsize=10)
     fig.suptitle("bitsandbytes on CPU vs fp32 (measured)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "quantize.png", dpi=120)
+    fig.savefig(out / "quantize.png", dpi=120)
     plt.close(fig)
 
 
-def summarize(args, rows: list[dict], fallback: dict, anatomy) -> str:
+def summarize(args, rows: list[dict], fallback: dict, test, metric: str) -> str:
     fp = rows[0]
     lines = [f"# Quantization of `{args.model}` (measured)", "",
-             f"Command: `.venv/bin/python benchmarks/bench_quantize.py --model {args.model} --samples {args.samples}`  ",
-             f"{fp['n']} ShapesVQA test questions, exact match. bitsandbytes quantizes the decoder linear layers; "
+             f"Command: `.venv/bin/python benchmarks/bench_quantize.py --model {args.model}"
+             + (f" --data {args.data}" if args.data != "shapes" else "") + f" --samples {args.samples}`  ",
+             f"Accuracy ({metric}) on {test.describe()}. bitsandbytes quantizes the decoder linear layers; "
              f"latency interleaved over the three models, batch 1, {args.repeats} repeats, torch threads "
              f"{torch.get_num_threads()}.", "",
              "| model | accuracy % | decoder MB | tensors MB | folder MB | prefill ms | decode tok/s |",
