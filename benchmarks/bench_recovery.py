@@ -2,16 +2,21 @@
 
     python benchmarks/bench_recovery.py            # full grid, about 20-25 min on 2 cores
     python benchmarks/bench_recovery.py --quick    # 30 % only, three recoveries, 1 and 5 % data: ~4 min
+    python benchmarks/bench_recovery.py --quick --eval-samples 20 --max-steps 2 --out /tmp/bench   # smoke run
+    python benchmarks/bench_recovery.py --model MODEL --data my_eval.json --train-data my_train.json   # your own
 
 Grid (Huang et al., arXiv 2507.20749, section "recovery"): {width, layer} pruning x {15, 30, 50 %}
 of the language model x {no recovery, projector-only, LoRA (+projector), full SFT, SFT + hidden-state
-KD, SFT + logits KD}, each trained for one epoch on 5 % of the ShapesVQA train split (2,000
-questions); then the data fraction 1 / 5 / 25 / 100 % for the best recipe at 30 %. Reported:
-accuracy kept (compressed / original exact match on held-out test questions) and recovery wall
-time. The same library calls as a job (compression.methods.prune, compression.methods.recover, compression.measure.evaluate).
+KD, SFT + logits KD}, each trained for one epoch on 5 % of the training data (default: the ShapesVQA
+train split, 2,000 questions); then the data fraction 1 / 5 / 25 / 100 % for the best recipe at 30 %.
+Reported: accuracy kept (compressed / original accuracy on held-out records: ``--data``, default
+``shapes``, its test split) and recovery wall time. The same library calls as a job
+(compression.data.sources, compression.methods.prune, compression.methods.recover,
+compression.measure.evaluate). When training and evaluation read the same file, the evaluation
+records are left out of training.
 
-Writes benchmarks/results/recovery.csv, recovery_fractions.csv, recovery.png, recovery_fractions.png
-and recovery.md, and prints the summary.
+Writes recovery.csv, recovery_fractions.csv, recovery.png, recovery_fractions.png and recovery.md into
+``--out`` (default benchmarks/results), and prints the summary.
 """
 from __future__ import annotations
 
@@ -28,15 +33,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression.data import shapes as data  # noqa: E402
+from compression.data.records import DataError  # noqa: E402
+from compression.data.sources import Selection, open_source, select
 from compression.measure import evaluate
 from compression.methods import importance
-from compression.runs import pipeline
 from compression.methods import prune
 from compression.methods import recover
 from compression.models import load  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 # name -> (mode, distillation, learning rate). Rates: the projector and LoRA adapters are small and
 # start from scratch / zero, so they take larger steps than full finetuning (shared notes: ~1e-4
@@ -55,7 +61,7 @@ def ratio_of(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def pruned_copy(original, method: str, ratio: float, calibration: int):
+def pruned_copy(original, method: str, ratio: float, calibration: Selection):
     if method == "layer":
         scores = importance.cached_importance(original, "layers", "block_influence", calibration)
     else:
@@ -81,7 +87,7 @@ def run_recovery(original, student, anatomy, plan, name: str, samples, seed: int
         hidden_layers=recover.layer_mapping(original.anatomy.num_layers, plan.layers_removed),
         alpha=0.5, temperature=2.0, lora_r=16, lora_alpha=32, max_steps=max_steps)
     start = time.perf_counter()
-    result = recover.recover(copy.deepcopy(student), anatomy, original.processor, samples, config,
+    result = recover.recover(copy.deepcopy(student), anatomy, original.prompt, samples, config,
                              teacher=original.model)
     return result.model, time.perf_counter() - start, result.steps
 
@@ -90,11 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30 %% only, 3 recoveries, 1 and 5 %% data")
     parser.add_argument("--model", default="reference")
+    parser.add_argument("--data", default="shapes",
+                        help="held-out records for accuracy: 'shapes' (the reference model's ShapesVQA), a "
+                             "LLaVA-format .json/.jsonl file or a Hugging Face dataset folder / parquet file")
+    parser.add_argument("--train-data", default=None,
+                        help="records for recovery and calibration (default: --data; for shapes its train split)")
     parser.add_argument("--eval-samples", type=int, default=None, help="held-out questions (default 400, quick 200)")
     parser.add_argument("--calibration", type=int, default=10, help="samples for the importance scores (paper: 10)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-steps", type=int, default=None, help="cap per recovery (smoke tests only)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where CSV / PNG / MD go")
+    parser.add_argument("--out", "--results", dest="results", type=Path, default=RESULTS,
+                        help="where CSV / PNG / MD go")
     parser.add_argument("--ratios", type=float, nargs="+", help="override the pruning ratios")
     parser.add_argument("--recoveries", nargs="+", help=f"override the recoveries (of {list(RECOVERIES)})")
     parser.add_argument("--fractions", type=float, nargs="+", help="override the data fractions of the sweep")
@@ -118,25 +130,41 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown recoveries {unknown}; expected some of {list(RECOVERIES)}")
     n_eval = args.eval_samples or (200 if args.quick else 400)
     suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    args.train_data = args.train_data or args.data
 
+    try:
+        test = select(open_source(args.data, "eval"), samples=n_eval, need_images=True)
+        train_source = open_source(args.train_data, "train")
+        # one file for both: recovery never trains on a record that evaluation scores
+        held_out = test.indices if train_source.fingerprint() == test.source.fingerprint() else ()
+
+        def train_subset(fraction: float) -> Selection:
+            return select(train_source, fraction=fraction, seed=0, order="random", exclude=held_out)
+
+        train5 = train_subset(0.05)
+        calibration = importance.calibration_selection(args.train_data, args.calibration)
+    except DataError as e:
+        parser.error(str(e))
+    records = test.records
     original = load(args.model)
     original.model.requires_grad_(False)
-    test = data.load_split("test", n_eval)
-    base = evaluate.accuracy(original.model, original.processor, test)
-    print(f"original: {base.accuracy:.1%} on {n_eval} test questions ({args.model})", flush=True)
-    train5 = pipeline.train_subset(0.05, seed=0)
+    base = evaluate.accuracy(original, records)
+    print(f"original: {base.accuracy:.1%} on {test.describe()} ({args.model})", flush=True)
+    # decoded once, before any timing: recovery_s measures training, not image decoding
+    train5_records = train5.records
+    trained_on = f"5 % of {train_source.label} ({len(train5):,} records)"
 
     rows = []
-    students = {(m, r): pruned_copy(original, m, r, args.calibration) for m in ("width", "layer") for r in ratios}
+    students = {(m, r): pruned_copy(original, m, r, calibration) for m in ("width", "layer") for r in ratios}
     # Recoveries in the outer loop: a run cut short still compares both paradigms on what it did.
     for name in names:
         for (method, ratio), (student, anatomy, plan) in students.items():
             if name == "none":
                 model, seconds, steps = student, 0.0, 0
             else:
-                model, seconds, steps = run_recovery(original, student, anatomy, plan, name, train5,
+                model, seconds, steps = run_recovery(original, student, anatomy, plan, name, train5_records,
                                                        max_steps=args.max_steps)
-            acc = evaluate.accuracy(model, original.processor, test)
+            acc = evaluate.accuracy(original, records, model=model)
             rows.append({"method": method, "ratio_requested": ratio, "ratio_achieved": plan.ratio_achieved,
                          "recovery": name, "data_fraction": 0.05 if steps else 0.0, "steps": steps,
                          "recovery_s": round(seconds, 1), "accuracy": acc.accuracy,
@@ -150,13 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     # Data fraction for the best recipe at 30 %.
     at30 = grid[(grid.ratio_requested == 0.3) & (grid.recovery != "none")]
     best = at30.sort_values(["kept", "recovery_s"], ascending=[False, True]).iloc[0]
-    student, anatomy, plan = pruned_copy(original, best.method, 0.3, args.calibration)
+    student, anatomy, plan = pruned_copy(original, best.method, 0.3, calibration)
     frac_rows = []
     for fraction in fractions:
-        samples = train5 if fraction == 0.05 else pipeline.train_subset(fraction, seed=0)
+        samples = train5_records if fraction == 0.05 else train_subset(fraction).records
         model, seconds, steps = run_recovery(original, student, anatomy, plan, best.recovery, samples,
                                               max_steps=args.max_steps)
-        acc = evaluate.accuracy(model, original.processor, test)
+        acc = evaluate.accuracy(original, records, model=model)
         frac_rows.append({"method": best.method, "ratio_requested": 0.3, "recovery": best.recovery,
                           "data_fraction": fraction, "train_samples": len(samples), "steps": steps,
                           "recovery_s": round(seconds, 1), "accuracy": acc.accuracy,
@@ -167,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     fracs = pd.DataFrame(frac_rows)
 
     charts(grid, fracs, suffix, results)
-    summary = summarize(grid, fracs, base.accuracy, n_eval, args, suffix)
-    (results / f"recovery{suffix}.md").write_text(summary)
+    summary = summarize(grid, fracs, base.accuracy, f"{base.metric} on {test.describe()}", trained_on, args, suffix)
+    (results / f"recovery{suffix}.md.tmp").write_text(summary)
+    os.replace(results / f"recovery{suffix}.md.tmp", results / f"recovery{suffix}.md")
     print(summary)
 
 
@@ -178,8 +207,11 @@ def redraw(args) -> None:
     path = args.results / f"recovery_fractions{suffix}.csv"
     fracs = pd.read_csv(path) if path.is_file() else pd.DataFrame()
     args.threads = args.threads if args.threads else 1
+    args.train_data = args.train_data or args.data
     charts(grid, fracs, suffix, args.results)
-    summary = summarize(grid, fracs, float(grid.accuracy_original.iloc[0]), args.eval_samples or 0, args, suffix)
+    evaluated = f"measured on {args.eval_samples or '?'} records of {open_source(args.data, 'eval').label}"
+    trained_on = f"5 % of {open_source(args.train_data, 'train').label}"
+    summary = summarize(grid, fracs, float(grid.accuracy_original.iloc[0]), evaluated, trained_on, args, suffix)
     (args.results / f"recovery{suffix}.md").write_text(summary)
     print(summary)
 
@@ -251,7 +283,8 @@ def _head_to_head(grid, ratios, first: str, second: str) -> tuple[int, int]:
     return sum(a >= b for a, b in pairs), len(pairs)
 
 
-def summarize(grid: pd.DataFrame, fracs: pd.DataFrame, base: float, n_eval: int, args, suffix: str) -> str:
+def summarize(grid: pd.DataFrame, fracs: pd.DataFrame, base: float, evaluated: str, trained_on: str, args,
+              suffix: str) -> str:
     grid = grid.assign(budget=[f"{r:.0%} (achieved {a:.1%})" for r, a in zip(grid.ratio_requested, grid.ratio_achieved)])
     # dropna=False keeps a recovery column even where every run of it failed; the rows of
     # (method, budget) pairs that never ran (budgets differ per method) are dropped.
@@ -260,8 +293,8 @@ def summarize(grid: pd.DataFrame, fracs: pd.DataFrame, base: float, n_eval: int,
     times = grid[grid.recovery != "none"].pivot_table(index=["method", "budget"], columns="recovery",
                                                       values="recovery_s", sort=False)
     lines = [f"# Recovery after pruning (reference model, CPU, {args.threads} threads)", "",
-             f"Command: `{' '.join(['python benchmarks/bench_recovery.py', *sys.argv[1:]])}`. Original accuracy {base:.1%} on {n_eval} "
-             "held-out ShapesVQA questions. Recovery: one epoch on 5 % of the train split (2,000 questions), "
+             f"Command: `{' '.join(['python benchmarks/bench_recovery.py', *sys.argv[1:]])}`. Original accuracy {base:.1%}, "
+             f"{evaluated} (held out). Recovery: one epoch on {trained_on}, "
              "global batch 16. Cells: accuracy kept vs the original (%).", "",
              markdown(table), "", "Recovery wall time (s):", "", markdown(times, digits=0), "",
              "Data fraction for the best recipe at 30 %:", "",
@@ -310,8 +343,10 @@ def summarize(grid: pd.DataFrame, fracs: pd.DataFrame, base: float, n_eval: int,
         checks.append((slowest30 <= 180, f"SFT + hidden KD at 30 % recovers in <= 3 min on this CPU ({slowest30:.0f}s)"))
     for ok, text in checks:
         lines.append(f"- {'reproduces' if ok else 'does NOT reproduce'}: {text}")
-    lines += ["", f"Raw numbers: `benchmarks/results/recovery{suffix}.csv`, "
-              f"`benchmarks/results/recovery_fractions{suffix}.csv`; charts: `recovery{suffix}.png`, "
+    where = args.results.resolve()
+    where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+    lines += ["", f"Raw numbers: `{where}/recovery{suffix}.csv`, "
+              f"`{where}/recovery_fractions{suffix}.csv`; charts: `recovery{suffix}.png`, "
               f"`recovery_fractions{suffix}.png`.", ""]
     return "\n".join(lines)
 
