@@ -1,7 +1,9 @@
 """Quantization-aware visual-token pruning (QAPruner, arXiv 2604.02816) on the reference model, measured.
 
-    .venv/bin/python benchmarks/bench_tokens.py                      # reference model, 500 test questions
-    .venv/bin/python benchmarks/bench_tokens.py --model /tmp/ref_small --samples 64 --repeats 3   # quick CPU run
+    .venv/bin/python benchmarks/bench_tokens.py                      # reference model, 500 ShapesVQA test questions
+    .venv/bin/python benchmarks/bench_tokens.py --samples 20 --outlier-samples 16 --repeats 1 --rounds 1 \
+        --out /tmp/bench                                             # smoke run
+    .venv/bin/python benchmarks/bench_tokens.py --model MODEL --data my_eval.json   # your model on your own data
 
 1. Activation outliers: per-token range ``R_i = max_j x_ij - min_j x_ij`` and peak-to-RMS ratio
    ``max_j |x_ij| / rms_j(x_ij)`` of visual and text tokens, at the projector output and at the input of
@@ -16,8 +18,12 @@
    the language model on the pruned ``inputs_embeds``; the scoring cost (vision tower + scores) measured
    apart, since ``evaluate.latency`` runs ``inputs_fn`` outside the timed forward.
 
-Writes benchmarks/results/tokens_{outliers,accuracy,latency}.csv, tokens_{outliers,accuracy}.png and
-tokens.md; prints the summary.
+Records come from ``--data`` (default ``shapes``: the reference model's ShapesVQA test split): the accuracy
+questions are its first ``--samples`` records, the outlier study reads ``--outlier-samples`` records from
+index 1000 on (disjoint from them; from the start of a source too small for that), latency the first record.
+
+Writes tokens_{outliers,accuracy,latency}.csv, tokens_{outliers,accuracy}.png and tokens.md into ``--out``
+(default benchmarks/results); prints the summary.
 """
 from __future__ import annotations
 
@@ -34,15 +40,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression.data import shapes as data  # noqa: E402
+from compression.data import scoring  # noqa: E402
+from compression.data.records import DataError, Record
+from compression.data.sources import DataSource, Selection, open_source, select
 from compression.measure import evaluate
 from compression import models
+from compression.models.prompting import record_generation_inputs
 from compression.methods import quantize
 from compression.methods import tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (1.0, 0.5, 0.25, 0.125)
 SCORERS = ("semantic", "hybrid", "outlier", "random")
+OUTLIER_START = 1000  # the outlier study's records start here, past the accuracy questions
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -54,12 +64,23 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def outlier_selection(source: DataSource, n: int, start: int = OUTLIER_START) -> Selection:
+    """``n`` records from index ``start`` on, or from the first record of a source too small for that."""
+    start = start if len(source) >= start + n else 0
+    return select(source, samples=n, need_images=True, exclude=range(start))
+
+
+def prompt_inputs(loaded: models.LoadedModel, records: list[Record]) -> dict[str, torch.Tensor]:
+    """Generation inputs for the records' prompts, as evaluation builds them (the model's prompt format)."""
+    return dict(record_generation_inputs(loaded.prompt, records, [r.prompt_messages for r in records]))
+
+
 # ------------------------------------------------------------------------------------------ 1. outliers
 
 @torch.no_grad()
-def outlier_study(loaded: models.LoadedModel, samples: list[data.Sample]) -> list[dict]:
+def outlier_study(loaded: models.LoadedModel, records: list[Record]) -> list[dict]:
     model, anatomy = loaded.model, loaded.anatomy
-    inputs = evaluate.encode(loaded.processor, [s.image for s in samples], [s.question for s in samples])
+    inputs = prompt_inputs(loaded, records)
     merged = tokens.merge_inputs(model, inputs)
     out = model(**inputs, output_hidden_states=True)
     # hidden_states[i] enters decoder layer i for i < num_layers (the last entry is after the final norm)
@@ -87,10 +108,10 @@ def outlier_study(loaded: models.LoadedModel, samples: list[data.Sample]) -> lis
     return rows
 
 
-def input_ranges(loaded: models.LoadedModel, samples: list[data.Sample]) -> dict[str, torch.Tensor]:
+def input_ranges(loaded: models.LoadedModel, records: list[Record]) -> dict[str, torch.Tensor]:
     """Per-token ranges entering the language model: visual tokens (projector output) and text embeddings."""
     with torch.no_grad():
-        inputs = evaluate.encode(loaded.processor, [s.image for s in samples], [s.question for s in samples])
+        inputs = prompt_inputs(loaded, records)
         merged = tokens.merge_inputs(loaded.model, inputs)
         image = torch.zeros_like(merged.attention_mask, dtype=torch.bool).scatter_(1, merged.image_positions, True)
         text = merged.attention_mask.bool() & ~image
@@ -100,7 +121,7 @@ def input_ranges(loaded: models.LoadedModel, samples: list[data.Sample]) -> dict
 
 # ------------------------------------------------------------------------------------------ 2. accuracy
 
-def run_accuracy(loaded: models.LoadedModel, samples: list[data.Sample], batch_size: int,
+def run_accuracy(loaded: models.LoadedModel, records: list[Record], batch_size: int,
                  max_new_tokens: int) -> tuple[list[dict], dict]:
     """The W4A4 grid (every scorer x keep ratio, original positions), dense fp32 / W4A4, and two ablations at
     12.5 %: contiguous positions under W4A4, and full precision (semantic and hybrid)."""
@@ -110,11 +131,10 @@ def run_accuracy(loaded: models.LoadedModel, samples: list[data.Sample], batch_s
         start = time.perf_counter()
         generate_fn = (None if scorer == "dense" else
                        tokens.make_generate_fn(ratio, scorer, alpha=0.7, seed=0, positions=positions))
-        result = evaluate.accuracy(loaded.model, loaded.processor, samples, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, generate_fn=generate_fn)
-        hits = [evaluate.normalize_answer(p) == evaluate.normalize_answer(s.answer)
-                for p, s in zip(result.predictions, samples)]
-        correct[(precision, scorer, ratio, positions)] = hits
+        result = evaluate.accuracy(loaded, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   generate_fn=generate_fn)
+        correct[(precision, scorer, ratio, positions)] = scoring.score(records, result.predictions,
+                                                                       result.metric).correct
         rows.append({"precision": precision, "scorer": scorer, "keep_ratio": ratio, "positions": positions,
                      "visual_tokens_kept": tokens.keep_count(loaded.anatomy.visual_tokens, ratio),
                      "accuracy": result.accuracy, "n": result.n, "seconds": round(time.perf_counter() - start, 1),
@@ -146,19 +166,18 @@ def paired_delta(a: list[bool], b: list[bool]) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------ 3. latency
 
-def run_latency(loaded: models.LoadedModel, repeats: int, rounds: int) -> list[dict]:
-    sample = data.generate("test", 0)
+def run_latency(loaded: models.LoadedModel, record: Record, repeats: int, rounds: int) -> list[dict]:
+    base = evaluate.latency_inputs(loaded, record)
     timings: dict[str, list[float]] = {}
     fns = {"dense (processor inputs, incl. vision tower)": None}
     fns.update({f"keep {r:.1%}": tokens.make_inputs_fn(r, "hybrid" if r < 1 else "none", positions="original")
                 for r in RATIOS})
     for _ in range(rounds):  # rounds of every setting, so drift hits them all alike
         for name, fn in fns.items():
-            lat = evaluate.latency({name: loaded.model}, loaded.processor, sample, repeats=repeats, warmup=1,
-                                   decode_tokens=4, inputs_fn=fn)[name]
+            lat = evaluate.latency({name: loaded.model}, base, repeats=repeats, warmup=1, decode_tokens=4,
+                                   inputs_fn=fn)[name]
             timings.setdefault(name, []).append(lat["prefill_ms"])
-    base = evaluate.encode(loaded.processor, [sample.image], [sample.question])
-    scoring = {}
+    scoring_ms = {}
     for scorer in ("semantic", "hybrid", "outlier", "random"):
         config = tokens.TokenPruningConfig(0.125, scorer)
         times = []
@@ -167,7 +186,7 @@ def run_latency(loaded: models.LoadedModel, repeats: int, rounds: int) -> list[d
             tokens.prune_visual_tokens(loaded.model, dict(base), config, torch.Generator().manual_seed(0))
             if i:
                 times.append((time.perf_counter() - start) * 1000)
-        scoring[scorer] = statistics.median(times)
+        scoring_ms[scorer] = statistics.median(times)
     dense_len = base["input_ids"].shape[1]
     rows = []
     for name, values in timings.items():
@@ -176,7 +195,7 @@ def run_latency(loaded: models.LoadedModel, repeats: int, rounds: int) -> list[d
         rows.append({"setting": name, "keep_ratio": ratio,
                      "sequence_length": dense_len - loaded.anatomy.visual_tokens + kept,
                      "prefill_ms": statistics.median(values), "rounds": rounds, "repeats_per_round": repeats})
-    for scorer, ms in scoring.items():
+    for scorer, ms in scoring_ms.items():
         rows.append({"setting": f"scoring + merge ({scorer}, vision tower included)", "keep_ratio": 0.125,
                      "sequence_length": "", "prefill_ms": ms, "rounds": rounds, "repeats_per_round": repeats})
     return rows
@@ -184,7 +203,7 @@ def run_latency(loaded: models.LoadedModel, repeats: int, rounds: int) -> list[d
 
 # ------------------------------------------------------------------------------------------ charts + summary
 
-def charts(accuracy_rows: list[dict], ranges: dict[str, torch.Tensor], outlier_rows: list[dict]) -> None:
+def charts(accuracy_rows: list[dict], ranges: dict[str, torch.Tensor], outlier_rows: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +225,7 @@ def charts(accuracy_rows: list[dict], ranges: dict[str, torch.Tensor], outlier_r
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "tokens_accuracy.png", dpi=120)
+    fig.savefig(out / "tokens_accuracy.png", dpi=120)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -232,13 +251,16 @@ def charts(accuracy_rows: list[dict], ranges: dict[str, torch.Tensor], outlier_r
     axes[1].legend(fontsize=8)
     axes[1].grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "tokens_outliers.png", dpi=120)
+    fig.savefig(out / "tokens_outliers.png", dpi=120)
     plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="reference")
+    parser.add_argument("--data", default="shapes",
+                        help="records: 'shapes' (the reference model's ShapesVQA), a LLaVA-format .json/.jsonl file "
+                             "or a Hugging Face dataset folder / parquet file")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--outlier-samples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -246,38 +268,47 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the project machine has 2 cores)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where CSV / PNG / MD go")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        source = open_source(args.data, "eval")
+        test = select(source, samples=args.samples, need_images=True)
+        outlier_records = outlier_selection(source, args.outlier_samples).records
+    except DataError as e:
+        parser.error(str(e))
+    records = test.records
     loaded = models.load(args.model)
     print(f"model {loaded.name}: {loaded.anatomy.visual_tokens} visual tokens, hidden {loaded.anatomy.hidden_size}, "
           f"{loaded.anatomy.num_layers} decoder layers; torch threads {torch.get_num_threads()}")
 
-    outlier_samples = data.load_split("test", args.outlier_samples, start=1000)
-    outlier_rows = outlier_study(loaded, outlier_samples)
-    write_csv(RESULTS / "tokens_outliers.csv", outlier_rows)
-    ranges = input_ranges(loaded, outlier_samples)
+    outlier_rows = outlier_study(loaded, outlier_records)
+    write_csv(out / "tokens_outliers.csv", outlier_rows)
+    ranges = input_ranges(loaded, outlier_records)
 
-    samples = data.load_split("test", args.samples)
-    print(f"accuracy on {len(samples)} test questions:")
-    accuracy_rows, correct = run_accuracy(loaded, samples, args.batch_size, args.max_new_tokens)
-    write_csv(RESULTS / "tokens_accuracy.csv", accuracy_rows)
+    print(f"accuracy on {test.describe()}:")
+    accuracy_rows, correct = run_accuracy(loaded, records, args.batch_size, args.max_new_tokens)
+    write_csv(out / "tokens_accuracy.csv", accuracy_rows)
     print("prefill latency:")
-    latency_rows = run_latency(loaded, args.repeats, args.rounds)
-    write_csv(RESULTS / "tokens_latency.csv", latency_rows)
-    charts(accuracy_rows, ranges, outlier_rows)
-    summary = summarize(loaded, args, outlier_rows, accuracy_rows, correct, latency_rows)
-    tmp = RESULTS / "tokens.md.tmp"
+    latency_rows = run_latency(loaded, records[0], args.repeats, args.rounds)
+    write_csv(out / "tokens_latency.csv", latency_rows)
+    charts(accuracy_rows, ranges, outlier_rows, out)
+    metric = scoring.choose_metric(records)
+    summary = summarize(loaded, args, outlier_rows, accuracy_rows, correct, latency_rows, f"{test.describe()}, {metric}")
+    tmp = out / "tokens.md.tmp"
     tmp.write_text(summary)
-    os.replace(tmp, RESULTS / "tokens.md")
+    os.replace(tmp, out / "tokens.md")
     print(summary)
 
 
-def summarize(loaded, args, outlier_rows, accuracy_rows, correct, latency_rows) -> str:
+def summarize(loaded, args, outlier_rows, accuracy_rows, correct, latency_rows, evaluated: str) -> str:
     acc = {(r["precision"], r["scorer"], r["keep_ratio"], r["positions"]): r["accuracy"] for r in accuracy_rows}
     lines = [f"# Quantization-aware visual-token pruning on `{loaded.name}` (measured)", "",
-             f"Command: `.venv/bin/python benchmarks/bench_tokens.py --model {args.model} --samples {args.samples}`  ",
-             f"{len(next(iter(correct.values())))} ShapesVQA test questions, exact match, greedy. "
+             f"Command: `.venv/bin/python benchmarks/bench_tokens.py --model {args.model}"
+             + (f" --data {args.data}" if args.data != "shapes" else "") + f" --samples {args.samples}`  ",
+             f"{evaluated}, greedy. "
              f"{loaded.anatomy.visual_tokens} visual tokens per image. W4A4 = simulated: weights per-group-128 "
              "asymmetric min-max, activations per-token asymmetric min-max, every decoder linear layer. "
              f"Greedy, at most {args.max_new_tokens} new tokens. "
