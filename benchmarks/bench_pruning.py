@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression.data.sources import open_source, select  # noqa: E402
+from compression.data.records import DataError  # noqa: E402
+from compression.data.sources import open_source, select
 from compression.measure import evaluate
 from compression.methods import importance
 from compression import models
@@ -107,14 +108,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    loaded = models.load(args.model)
-    test = select(open_source(args.data, "eval"), samples=args.samples, need_images=True)
+    try:
+        test = select(open_source(args.data, "eval"), samples=args.samples, need_images=True)
+        calibration = importance.calibration_selection(args.data, args.calibration)
+    except DataError as e:
+        parser.error(str(e))
     records = test.records
+    loaded = models.load(args.model)
     base = evaluate.accuracy(loaded, records)
     print(f"original: accuracy {base.accuracy:.1%} on {test.describe()}")
 
     start = time.perf_counter()
-    calibration = importance.calibration_selection(args.data, args.calibration)
     scores = {"layer": importance.cached_importance(loaded, "layers", "block_influence", calibration),
               "width": {k: importance.cached_importance(loaded, k, "taylor", calibration)
                         for k in ("heads", "neurons")}}

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compression.data.sources import open_source, select  # noqa: E402
+from compression.data.records import DataError  # noqa: E402
+from compression.data.sources import open_source, select
 from compression.measure import evaluate
 from compression import models
 from compression.methods import quantize
@@ -59,7 +60,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    test = select(open_source(args.data, "eval"), samples=args.samples, need_images=True)
+    try:
+        test = select(open_source(args.data, "eval"), samples=args.samples, need_images=True)
+    except DataError as e:
+        parser.error(str(e))
     records = test.records
 
     loaded = {fmt: models.load(args.model) for fmt in ("fp32", "int8", "nf4")}
