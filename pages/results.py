@@ -28,11 +28,14 @@ right.plotly_chart(views.tradeoff_chart(frame, "prefill ms", "accuracy", "prefil
                                         "Accuracy vs latency (measured)"), key="acc_latency")
 st.caption("Dotted line: the Pareto front — no other model is both smaller (or faster) and more accurate.")
 
-st.subheader("Per question type")
+st.subheader("Per record type")
 per_type = views.per_type_frame(runs)
-chosen = st.multiselect("Models", per_type["model"].unique().tolist(),
-                        default=per_type["model"].unique().tolist()[:4], key="results_models")
-st.plotly_chart(views.per_type_comparison(per_type[per_type["model"].isin(chosen)]), key="per_type")
+if per_type.empty:
+    st.caption(f"The records of {data} carry no `type` field, so there is no per-type breakdown.")
+else:
+    chosen = st.multiselect("Models", per_type["model"].unique().tolist(),
+                            default=per_type["model"].unique().tolist()[:4], key="results_models")
+    st.plotly_chart(views.per_type_comparison(per_type[per_type["model"].isin(chosen)]), key="per_type")
 
 st.subheader("What-if vs measured")
 st.plotly_chart(views.what_if_vs_measured(frame), key="what_if_vs_measured")

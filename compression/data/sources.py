@@ -500,7 +500,8 @@ def _atomic_write(path: Path, payload: bytes) -> None:
     os.replace(tmp, path)
 
 
-_STRUCTURE = re.compile(rb'\\.|["{}\[\],]', re.S)
+# a whole string literal (escapes inside it) is one match, so the Python loop sees strings, brackets and commas
+_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],]', re.S)
 
 
 def _record_offsets(path: Path) -> np.ndarray:
@@ -528,16 +529,12 @@ def _array_offsets(mm: mmap.mmap, start: int, path: Path) -> np.ndarray:
     """Boundaries of the top-level elements of a JSON array: a scan of brackets, quotes and top-level commas
     (strings skipped), so element ``i`` is the bytes between boundaries ``i`` and ``i + 1``."""
     bounds = [start + 1]
-    depth, in_string = 0, False
+    depth = 0
     for m in _STRUCTURE.finditer(mm, start + 1):
         token = m.group()
-        if in_string:
-            if token == b'"':
-                in_string = False
+        if token[0] == 34:  # a string: nothing inside it is structure
             continue
-        if token == b'"':
-            in_string = True
-        elif token in (b"{", b"["):
+        if token in (b"{", b"["):
             depth += 1
         elif token == b"," and depth == 0:
             bounds.append(m.end())
@@ -584,8 +581,9 @@ def _open_image(root: Path, relative: str, bad: Callable[[str], DataError], deco
         raise bad(f"image {relative} not found under {root} (set image_root to the images' folder)")
     try:
         with Image.open(path) as im:
-            if not decode:  # the header is read and checked; the pixels are decoded when a batch needs them
-                im.verify()
+            if not decode:  # the header names a format and a size; the pixels are decoded when a batch needs them
+                if not im.size or 0 in im.size:
+                    raise OSError("no image size in its header")
                 return None
             im.load()
             return im.convert("RGB")
