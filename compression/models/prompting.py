@@ -4,12 +4,14 @@ Every step that feeds the model text (calibration, recovery, evaluation, ``ask``
 check) builds it here. When the processor (or its tokenizer) has a chat template, the text is
 ``processor.apply_chat_template(messages, tokenize=False, ...)``; otherwise the LLaVA-1.5 conversation
 format (``USER: <image>\\n... ASSISTANT: ...</s>``, the ``llava_v1`` template of the LLaVA repository
-without its system prompt) is the fallback, and :attr:`PromptFormat.name` says which one was used.
+without its system prompt, written as a Jinja template, ``llava15_template``) is the fallback, and
+:attr:`PromptFormat.name` says which one was used.
 
-Training labels cover every assistant turn of a conversation, whatever the template: for assistant turn
-``k`` the supervised tokens are those of ``render(messages[:k + 1])`` beyond ``render(messages[:k],
-add_generation_prompt=True)`` (the reply and the template's end-of-turn tokens), found by tokenizing both
-prefixes through the processor, which expands the image placeholders to the model's visual tokens.
+Training labels cover every assistant turn of a conversation, whatever the template: assistant turn ``k``
+is the text of ``render(messages[:k + 1])`` beyond ``render(messages[:k], add_generation_prompt=True)`` (the
+reply and the template's end-of-turn tokens); the tokens inside those characters (tokenizer offsets) are
+supervised, mapped onto the processor's ids, where each image placeholder is expanded to the model's
+visual tokens (``_assistant_token_spans``).
 
 User text is checked before it reaches the model: a literal image token typed in the text, and inputs
 longer than the model's context (``max_position_embeddings``), each get one line naming the record.
@@ -25,67 +27,72 @@ from PIL import Image
 from compression.data.records import DataError, Record, image_count
 
 FALLBACK = "LLaVA-1.5 prompt (the model has no chat template)"
+# The fallback as a chat template (Jinja), so that one mechanism renders every model and an export of a model
+# without a template can ship this one (then any tool, lmms-eval's llava_hf among them, prompts it the same
+# way): ``USER: <image>\nq ASSISTANT: a</s>USER: q2 ASSISTANT:``, the llava_v1 format of the LLaVA repository
+# without its system sentence; a system message's text comes first.
+_LLAVA15_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- for part in parts -%}"
+    "{%- if part['type'] == 'image' -%}"
+    "{%- if ns.text and not ns.text.endswith('\n') -%}{%- set ns.text = ns.text + '\n' -%}{%- endif -%}"
+    "{%- set ns.text = ns.text + 'IMAGE_TOKEN\n' -%}"
+    "{%- else -%}"
+    "{%- if ns.text and not ns.text.endswith('\n') -%}{%- set ns.text = ns.text + ' ' -%}{%- endif -%}"
+    "{%- set ns.text = ns.text + (part['text'] | trim) -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set text = ns.text | trim -%}"
+    "{%- if message['role'] == 'system' -%}{{ text + ' ' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + text + ' ' }}"
+    "{%- else -%}{{ 'ASSISTANT: ' + text + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
+
+
+def llava15_template(image_token: str = "<image>") -> str:
+    """The LLaVA-1.5 fallback as a Jinja chat template for a processor whose image token is ``image_token``."""
+    return _LLAVA15_TEMPLATE.replace("IMAGE_TOKEN", image_token)
 
 
 @dataclass
 class PromptFormat:
-    """How one model's processor turns chat messages into text."""
+    """How one model's processor turns chat messages into text: its own chat template, or the fallback."""
 
     processor: Any
     uses_chat_template: bool
     image_token: str
     max_length: int | None  # the model's context, in tokens (None: unknown)
+    template: str = ""      # the Jinja template that renders (the model's, or llava15_template)
 
     @property
     def name(self) -> str:
         return "the model's chat template" if self.uses_chat_template else FALLBACK
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        messages = list(messages)
-        if self.uses_chat_template:
-            return self.processor.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        return _llava_v1(messages, self.image_token, add_generation_prompt, _eos(self.processor))
+        return self.processor.apply_chat_template(list(messages), chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+
+def chat_template_of(processor) -> str | None:
+    """The processor's own chat template (or its tokenizer's), None when it has none."""
+    return getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
+                                                                "chat_template", None)
 
 
 def prompt_format(processor, config=None) -> PromptFormat:
     """The model's prompt format, from its processor (and config, for the context length)."""
-    template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
-                                                                    "chat_template", None)
+    own = chat_template_of(processor)
     token = getattr(processor, "image_token", None) or "<image>"
     limit = None
     if config is not None:
         text = getattr(config, "text_config", config)
         limit = getattr(text, "max_position_embeddings", None)
-    return PromptFormat(processor, bool(template), token, limit)
-
-
-def _eos(processor) -> str:
-    tok = getattr(processor, "tokenizer", processor)
-    return tok.eos_token or ""
-
-
-def _llava_v1(messages: list[dict], image_token: str, add_generation_prompt: bool, eos: str) -> str:
-    """``USER: <image>\\nq ASSISTANT: a</s>USER: q2 ASSISTANT:`` (system text, if any, first)."""
-    out = []
-    for m in messages:
-        parts = m["content"] if not isinstance(m["content"], str) else [{"type": "text", "text": m["content"]}]
-        text = ""
-        for p in parts:
-            if p.get("type") == "image":
-                text += ("\n" if text and not text.endswith("\n") else "") + image_token + "\n"
-            else:
-                text += (" " if text and not text.endswith("\n") else "") + p["text"].strip()
-        text = text.strip()
-        if m["role"] == "system":
-            out.append(text + " ")
-        elif m["role"] == "user":
-            out.append(f"USER: {text} ")
-        else:
-            out.append(f"ASSISTANT: {text}{eos}")
-    if add_generation_prompt:
-        out.append("ASSISTANT:")
-    return "".join(out).rstrip(" ") if add_generation_prompt else "".join(out)
+    return PromptFormat(processor, bool(own), token, limit, own if isinstance(own, str) else llava15_template(token))
 
 
 # ----------------------------------------------------------------------------------------------- checks

@@ -85,11 +85,12 @@ def export_run(run_dir: str | Path, to_dir: str | Path, overwrite: bool = False,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         remote_code = _copy_model(run / "model", tmp)
+        shipped_template = _ship_chat_template(tmp)
         shutil.copyfile(run / "metrics.json", tmp / "metrics.json")
         if (run / "recipe.yaml").is_file():
             shutil.copyfile(run / "recipe.yaml", tmp / "recipe.yaml")
         metrics = json.loads((run / "metrics.json").read_text())
-        (tmp / "README.md").write_text(model_card(metrics, dest.name, remote_code))
+        (tmp / "README.md").write_text(model_card(metrics, dest.name, remote_code, shipped_template))
         if verify:
             difference, same_answer = verify_export(run / "model", tmp, remote_code)
             if difference > 1e-4:
@@ -134,6 +135,20 @@ def _copy_model(src: Path, dst: Path) -> bool:
     if not any(dst.glob("*.safetensors")):
         _resave_as_safetensors(src, dst)
     return remote_code
+
+
+def _ship_chat_template(folder: Path) -> bool:
+    """A model without a chat template was prompted with the LLaVA-1.5 fallback: write that as its
+    ``chat_template.jinja``, so that plain transformers and any tool built on it (lmms-eval's llava_hf)
+    prompt the export exactly as the studio measured it. Returns whether it wrote one."""
+    from compression.models import load_processor
+    from compression.models.prompting import chat_template_of, prompt_format
+
+    processor = load_processor(folder)
+    if chat_template_of(processor):
+        return False
+    (folder / "chat_template.jinja").write_text(prompt_format(processor).template)
+    return True
 
 
 def _resave_as_safetensors(src: Path, dst: Path) -> None:
@@ -233,7 +248,7 @@ def _fmt(value: Any, kind: str) -> str:
     return f"{value:.1f}"
 
 
-def model_card(metrics: dict[str, Any], name: str, remote_code: bool) -> str:
+def model_card(metrics: dict[str, Any], name: str, remote_code: bool, shipped_template: bool = False) -> str:
     """README.md: what was done, the original-vs-compressed table, how to load it."""
     o, c = metrics.get("original", {}), metrics.get("compressed", {})
     recipe = metrics.get("recipe") or {}
@@ -280,6 +295,8 @@ def model_card(metrics: dict[str, Any], name: str, remote_code: bool) -> str:
     evaluated = (data.get("eval") or {}).get("described", f"{metrics.get('eval_samples', '?')} held-out questions")
     metric = (metrics.get("original") or {}).get("metric", "exact match")
     prompt = metrics.get("prompt", "the model's prompt format")
+    if shipped_template:
+        prompt += " (shipped in this folder as chat_template.jinja)"
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
