@@ -436,6 +436,19 @@ def test_configs_that_disagree_with_the_weights_are_refused(llava, tmp_path, cap
     _nothing_left(tmp_path, "x")
 
 
+def test_truncated_and_missing_shards_are_refused(llava, tmp_path, capsys):
+    clip = str(llava["clip"])
+    cut = _copy(llava["ckpt"], tmp_path / "truncated")
+    shard = cut / "pytorch_model-00002-of-00002.bin"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    err = _run(["convert", str(cut), "--to", str(tmp_path / "x"), "--vision-tower", clip], capsys)
+    assert "pytorch_model-00002-of-00002.bin cannot be read" in err
+    gone = _copy(llava["ckpt"], tmp_path / "missing", drop=("pytorch_model-00001-of-00002.bin",))
+    err = _run(["convert", str(gone), "--to", str(tmp_path / "x"), "--vision-tower", clip], capsys)
+    assert "names shard pytorch_model-00001-of-00002.bin, which is not in" in err
+    _nothing_left(tmp_path, "x")
+
+
 def test_bunny_tower_config_from_the_public_facts_is_checked_against_the_weights(tmp_path, capsys):
     _, ckpt, _ = write_bunny_original(tmp_path)
     # no --vision-tower: google/siglip-so400m-patch14-384's public config (27 layers) meets 3 tiny layers

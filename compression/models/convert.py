@@ -157,9 +157,15 @@ class _Weights:
     """Lazy access to the tensors of a folder's safetensors or ``.bin`` shards."""
 
     def __init__(self, folder: Path, what: str):
-        self.folder, self.what = folder, what
+        self.what = what
         files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-        self.files = files
+        for index in (folder / "model.safetensors.index.json", folder / "pytorch_model.bin.index.json"):
+            if index.is_file():
+                named = set(_read_json(index, "a shard index").get("weight_map", {}).values())
+                missing = sorted(n for n in named if not (folder / n).is_file())
+                if missing:
+                    raise ConversionError(f"{index} names shard {missing[0]}, which is not in {folder}; expected "
+                                          f"all {len(named)} shards it lists")
         self._where: dict[str, Path] = {}
         self._open: dict[Path, Any] = {}
         for f in files:
