@@ -94,6 +94,18 @@ def test_a_grid_over_200_runs_needs_yes(tiny_folder):
     assert jobs.list_jobs() == [] and jobs.list_sweeps() == []  # nothing queued
 
 
+def test_a_budget_the_model_cannot_give_is_refused_before_anything_is_queued():
+    spec = sweep.SweepSpec.from_dict({"name": "wide", "base": {"model": "reference"},
+                                      "axes": {"prune.method": ["layer", "width"], "prune.ratio": [0.3, 0.5]}})
+    with pytest.raises(sweep.SweepError) as caught:
+        sweep.launch(spec)
+    # the paper's eligible layers [3, 7) of the reference model's 8 hold 44 % of its language model
+    assert str(caught.value).startswith("sweep point 4 (width · 0.5): ratio 0.5 is more than layers [3, 7) can give: "
+                                        "at most 0.44 is possible")
+    assert jobs.list_sweeps() == []
+    sweep.check_budgets(spec.points()[:3])  # the others fit
+
+
 def brute_force_front(points):
     def dominates(a, b):
         return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])

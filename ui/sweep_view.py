@@ -40,6 +40,7 @@ def builder(source: str, has_weights: bool) -> None:
                                 help="name, base (a recipe) and axes; the file `python -m compression sweep` takes")
             spec = sweep.SweepSpec.from_yaml(text)
         points = spec.points()
+        sweep.check_budgets(points)
     except ValueError as e:
         st.error(common.one_line(e))
         return
@@ -64,10 +65,11 @@ def builder(source: str, has_weights: bool) -> None:
 
 
 def _default_spec(source: str) -> dict:
-    """The grid the section opens with: both paradigms x 15 / 30 / 50 % x no recovery or SFT + L2 KD."""
+    """The grid the section opens with: both paradigms x 15 / 30 / 40 % x no recovery or SFT + L2 KD
+    (widthwise 50 % is more than the paper's eligible layers of the reference model hold)."""
     return {"name": "sweep", "base": {"model": source, "eval_samples": 200,
                                       "recovery": {"data_fraction": 0.05, "max_steps": 40}},
-            "axes": {"prune.method": ["layer", "width"], "prune.ratio": [0.15, 0.3, 0.5],
+            "axes": {"prune.method": ["layer", "width"], "prune.ratio": [0.15, 0.3, 0.4],
                      "recovery": ["none", "sft+hidden"]}}
 
 
@@ -206,7 +208,8 @@ def draw(result: dict, shipped: bool, source: str) -> None:
         picks += [p["customdata"][0] for p in (event.selection.points if event else []) if p.get("customdata")]
     st.caption("Red dotted line and rings: the Pareto front (no other point is both at most as large or as slow and at "
                "least as accurate). Hollow grey: the what-if estimate of the same run (the roofline's after / before "
-               "ratio applied to the measured original), joined to its measurement. Click a point to choose it.")
+               "ratio applied to the measured original), joined to its measurement. Colour: pruning method; shape: "
+               f"recovery ({views.recovery_legend()}). Click a point to choose it.")
     runs = [n for n in table.loc[table["kind"] == "run", "name"]]
     picked = next((p for p in picks if p in runs), None)
     if picked and picked != chosen:

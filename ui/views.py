@@ -182,11 +182,18 @@ def front_chart(table: pd.DataFrame, cost: str, front: list[str], title: str, ch
         fig.add_trace(go.Scatter(x=scale(picked[cost]), y=picked["accuracy"], mode="markers", name="chosen",
                                  marker=dict(symbol="circle-open", size=28, color="#B279A2", line=dict(width=3)),
                                  hoverinfo="skip"))
+    # a click selects a point (Streamlit's on_select); the "chosen" ring marks it, so nothing is dimmed
+    fig.update_traces(selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)))
     low = max(0.0, float(table["accuracy"].min()) - 0.1) if len(table) else 0.0
     fig.update_layout(title=title, height=420, margin=dict(l=10, r=10, t=40, b=10), yaxis_tickformat=".0%",
                       yaxis_range=[low, 1.02], xaxis_title=axis_label, yaxis_title="accuracy (measured)",
                       legend=dict(orientation="h", y=-0.18), clickmode="event+select")
     return fig
+
+
+def recovery_legend() -> str:
+    """Which marker shape is which recovery, for the caption under the front charts."""
+    return ", ".join(f"{symbol.replace('-', ' ')} = {name}" for name, symbol in RECOVERY_SYMBOLS.items())
 
 
 def front_table(table: pd.DataFrame, front: dict[str, list[str]]) -> pd.DataFrame:

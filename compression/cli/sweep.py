@@ -109,6 +109,7 @@ def _cmd_sweep(args) -> int:
     spec = sweep.SweepSpec.from_yaml(Path(target))
     points = spec.points()
     sweep.check_count(spec.name, len(points), args.yes)
+    sweep.check_budgets(points)
     _say(f"sweep {spec.name}: {sweep.estimate(points)}")
     started = time.time()
     sweep_id = sweep.launch(spec, yes=args.yes)

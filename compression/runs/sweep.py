@@ -233,6 +233,7 @@ def launch(spec: SweepSpec, yes: bool = False) -> str:
     """Queue every point of ``spec`` as one sweep of background jobs; returns the sweep id."""
     points = spec.points()
     check_count(spec.name, len(points), yes)
+    check_budgets(points)
     return jobs.submit_sweep(spec.name, spec.to_yaml(), [(p.run_name, p.recipe) for p in points])
 
 
@@ -241,6 +242,44 @@ def check_count(name: str, runs: int, yes: bool) -> None:
     if runs > MAX_RUNS and not yes:
         raise SweepError(f"sweep {name} has {runs} runs, over {MAX_RUNS}; pass --yes (or tick 'launch them all') "
                          "to run them anyway")
+
+
+def check_budgets(points: Sequence[Point]) -> None:
+    """Refuse a point whose pruning budget its model cannot give (e.g. widthwise 50 % when the
+    eligible layers hold less), before anything is queued: each distinct budget is planned on the
+    model's config alone (``compression.methods.prune.make_plan``; counts need no weights)."""
+    from compression.methods import prune
+    from compression.models import load
+
+    configs: dict[str, Any] = {}
+    checked: set[tuple] = set()
+    for p in points:
+        spec = p.recipe.prune
+        key = (p.recipe.model, spec.method, spec.ratio, spec.layer_range)
+        if spec.method == "none" or key in checked:
+            continue
+        checked.add(key)
+        if p.recipe.model not in configs:
+            config = _config_file(p.recipe.model)
+            configs[p.recipe.model] = load(config) if config is not None else None
+        if configs[p.recipe.model] is None:
+            continue  # a hub id: checked when its run loads it
+        try:
+            prune.make_plan(configs[p.recipe.model], spec.method, ratio=spec.ratio, layer_range=spec.layer_range)
+        except ValueError as e:
+            raise SweepError(f"sweep point {p.index + 1} ({p.label}): {str(e).splitlines()[0]}") from None
+
+
+def _config_file(model: str) -> str | None:
+    from compression.models.reference import REFERENCE_PATH
+
+    if model == "reference":
+        return str(REFERENCE_PATH / "config.json")
+    if model.startswith("config:") or model.endswith(".json"):
+        return model
+    if (Path(model).expanduser() / "config.json").is_file():
+        return str(Path(model).expanduser() / "config.json")
+    return None
 
 
 def results(sweep_id: str) -> dict[str, Any]:
