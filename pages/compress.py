@@ -117,7 +117,8 @@ with st.expander("Recipe as YAML (the same file `python -m compression run` take
     st.code(yaml.safe_dump(prefill, sort_keys=False), language="yaml")
 
 # ------------------------------------------------------------------------------------------- a sweep
-sweep_view.builder(source, loaded.has_weights)
+sweep_view.builder(source, loaded.has_weights, data,
+                   ({"path": train_path, "image_root": train_root} if train_root else train_path) or None)
 
 # ------------------------------------------------------------------------------------------- live jobs
 st.subheader("Jobs")

@@ -46,10 +46,19 @@ def test_the_budget_question_falls_back_to_the_papers_decision_flow(tmp_path, mo
     assert "layerwise pruning" in answer  # 20 % removed with some training: layerwise + SFT + L2 KD
 
 
+ADVISED = {"prune": {"method": "layer", "ratio": 0.3}, "recovery": {"mode": "lora", "distillation": "hidden"},
+           "data": {"train": {"source": "shapes", "fraction": 0.05}}}  # the form's training data: shapes
+
+
 def test_the_sweep_section_estimates_refuses_bad_input_in_one_line_and_launches_a_group(tiny):
-    at = app(tiny, "compress")
-    assert not at.exception and not at.error
-    assert any(m.value.startswith("**12 runs**, about **") for m in at.markdown)
+    at = app(tiny, "compress", advised_recipe=ADVISED)
+    assert not at.exception
+    # the default grid asks widthwise 40 % of a model whose eligible layers hold less: refused before launch
+    assert [e.value.split(":")[0] for e in at.error] == ["sweep point 11 (width · 0.4 · none)"]
+    assert "ratio 0.4 is more than layers [3, 7) can give" in at.error[0].value
+    at.multiselect(key="sweep_ratios").set_value([0.15, 0.3]).run()
+    assert not at.error
+    assert any(m.value.startswith("**8 runs**, about **") for m in at.markdown)
     assert any(c.value.startswith(f"Estimate {tiny}: default: no finished run") for c in at.caption)
 
     at.multiselect(key="sweep_methods").set_value([]).run()
@@ -62,16 +71,17 @@ def test_the_sweep_section_estimates_refuses_bad_input_in_one_line_and_launches_
                            "sweep points 1 (0.3) and 2 (0.3) are the same recipe")):
         at.text_area(key="sweep_yaml").input(text).run()
         assert len(at.error) == 1 and at.error[0].value.startswith(message)
-    ratios = ", ".join(str(i / 100) for i in range(1, 22))
-    at.text_area(key="sweep_yaml").input(f"name: big\nbase: {{model: {tiny}, prune: {{method: layer}}}}\naxes: "
-                                         f"{{prune.ratio: [{ratios}], prune.calibration_samples: [{', '.join(map(str, range(1, 11)))}]}}"
+    ratios = ", ".join(str(i / 100) for i in range(10, 31))
+    at.text_area(key="sweep_yaml").input("name: big\nbase: {prune: {method: layer}}\naxes: "
+                                         f"{{prune.ratio: [{ratios}], recovery.seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}}"
                                          ).run()
     assert not at.error and at.checkbox(key="sweep_yes").label.startswith("210 runs is over 200")
     assert next(b for b in at.button if b.label == "Launch sweep").disabled
 
-    at.text_area(key="sweep_yaml").input(f"name: ui\nbase: {{model: {tiny}, eval_samples: 2, recovery: {{max_steps: 1, "
-                                         "data_fraction: 0.001}}\naxes: {prune.method: [layer], prune.ratio: [0.3], "
-                                         "recovery: [none, projector]}").run()
+    at.text_area(key="sweep_yaml").input(
+        f"name: ui\nbase: {{model: {tiny}, recovery: {{max_steps: 1}}, data: {{train: {{source: shapes, fraction: "
+        "0.001}, eval: {source: shapes, samples: 2}}}\naxes: {prune.method: [layer], prune.ratio: [0.3], "
+        "recovery: [none, projector]}").run()
     assert any(m.value.startswith("**2 runs**") for m in at.markdown)
     next(b for b in at.button if b.label == "Launch sweep").click().run()
     assert not at.exception and not at.error
@@ -93,7 +103,9 @@ def finished_sweep(tmp_path_factory, tiny):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COMPRESSION_CACHE", str(cache))
         patch.setenv("OMP_NUM_THREADS", "1")
-        spec = sweep.SweepSpec.from_dict({"name": "done", "base": {"model": tiny, "eval_samples": 2},
+        spec = sweep.SweepSpec.from_dict({"name": "done", "base": {
+            "model": tiny, "data": {"calibration": {"source": "shapes", "samples": 10},
+                                    "eval": {"source": "shapes", "samples": 2}}},
                                           "axes": {"prune.method": ["layer", "width"], "prune.ratio": [0.2]}})
         sweep_id = sweep.launch(spec)
         deadline = time.time() + 600

@@ -273,12 +273,12 @@ def test_a_sweep_of_six_points_from_compress_to_its_front(browser, reference_pat
         page.locator("[data-testid=stMain] h1").filter(has_text="Model").wait_for()
         settle(page)
 
-        # 1. the Sweep section: layer / width x 15 / 30 / 50 % x no recovery, 8 test questions a run
+        # 1. the Sweep section: layer / width x 15 / 30 / 40 % x no recovery, 8 evaluation records a run
         open_page(page, "Compress")
         settle(page)
         page.get_by_role("button", name="Remove sft+hidden", exact=True).click()  # Recoveries: none only
         settle(page)
-        fill_number(page, "Test questions per run", 8)
+        fill_number(page, "Evaluation records per run", 8)
         page.get_by_label("Sweep name").fill("e2e")
         page.get_by_label("Sweep name").press("Enter")
         settle(page)

@@ -39,8 +39,9 @@ def _quiet_and_single_threaded(monkeypatch):
     jobs._children.clear()
 
 
-GRID = {"name": "grid", "base": {"model": "reference", "recovery": {"data_fraction": 0.05, "max_steps": 40},
-                                 "eval_samples": 200},
+GRID = {"name": "grid", "base": {"model": "reference", "recovery": {"max_steps": 40},
+                                 "data": {"train": {"source": "shapes", "fraction": 0.05},
+                                          "eval": {"source": "shapes", "samples": 200}}},
         "axes": {"prune.method": ["layer", "width"], "prune.ratio": [0.15, 0.3, 0.5],
                  "recovery": ["none", "sft+hidden"]}}
 
@@ -52,8 +53,13 @@ def test_the_grid_is_the_product_of_the_axes_in_order_with_presets_expanded():
         ("layer", 0.15, "none"), ("layer", 0.15, "full"), ("layer", 0.3, "none")]
     kd = points[1].recipe.recovery
     assert (kd.mode, kd.distillation, kd.learning_rate) == ("full", "hidden", 2e-4)  # the preset's three keys
-    assert (kd.max_steps, kd.data_fraction) == (40, 0.05)  # ... over the base's
-    assert points[0].recipe.recovery.max_steps == 40 and points[0].recipe.eval_samples == 200
+    assert kd.max_steps == 40 and points[1].recipe.data.train.fraction == 0.05  # ... over the base's
+    assert points[0].recipe.recovery.max_steps == 40 and points[0].recipe.data.eval.samples == 200
+    # a key at any depth; a data use written as its bare source takes a key below it
+    deep = sweep.SweepSpec.from_dict({"name": "deep", "base": {"prune": {"method": "layer", "ratio": 0.3},
+                                                               "data": {"eval": "shapes"}},
+                                      "axes": {"data.eval.samples": [10, 20]}}).points()
+    assert [(p.recipe.data.eval.source, p.recipe.data.eval.samples) for p in deep] == [("shapes", 10), ("shapes", 20)]
     names = [p.run_name for p in points]
     assert len(set(names)) == 12 and names[1] == "grid-02-layer-0.15-sft-hidden"
     assert points[1].label == "layer · 0.15 · sft+hidden"
@@ -86,9 +92,10 @@ def test_bad_spec_is_one_line(axes, message):
 
 
 def test_a_grid_over_200_runs_needs_yes(tiny_folder):
-    spec = sweep.SweepSpec.from_dict({"name": "big", "base": {"model": str(tiny_folder)},
+    spec = sweep.SweepSpec.from_dict({"name": "big", "base": {"model": "reference"},
                                       "axes": {"prune.method": ["layer"], "prune.ratio": [i / 100 for i in range(1, 22)],
-                                               "prune.calibration_samples": list(range(1, 11))}})
+                                               "prune.scorer": ["block_influence", "removal_loss"],
+                                               "recovery.seed": list(range(5))}})
     with pytest.raises(sweep.SweepError, match="^sweep big has 210 runs, over 200; pass --yes"):
         sweep.launch(spec)
     assert jobs.list_jobs() == [] and jobs.list_sweeps() == []  # nothing queued
@@ -134,7 +141,7 @@ def test_the_front_is_exactly_the_non_dominated_set():
 def _metrics(model, accuracy, size, prefill, original_prefill=10.0, steps=None, seconds=None, mode="none"):
     return {"recipe": {"model": model, "prune": {"method": "layer", "ratio": 0.3},
                        "recovery": {"mode": mode, "distillation": "none"}},
-            "eval_samples": 100,
+            "eval_samples": 100, "data": {"train": {"source": "shapes", "fraction": 0.01}},
             "original": {"accuracy": 0.9, "per_type": {}, "params_total": 1000, "size_bytes": 1000,
                          "prefill_ms": original_prefill},
             "compressed": {"accuracy": accuracy, "per_type": {}, "params_total": size, "size_bytes": size,
@@ -168,12 +175,12 @@ def test_summary_has_the_original_the_fronts_and_the_what_if_beside_each_point()
 
 
 def test_estimate_reads_measured_timings_else_says_it_used_the_default():
-    spec = sweep.SweepSpec.from_dict({"name": "e", "base": {"model": "m", "eval_samples": 100,
-                                                           "recovery": {"max_steps": 20}},
+    spec = sweep.SweepSpec.from_dict({"name": "e", "base": {"model": "reference", "recovery": {"max_steps": 20},
+                                                           "data": {"eval": {"source": "shapes", "samples": 100}}},
                                       "axes": {"prune.method": ["layer"], "prune.ratio": [0.2, 0.4],
                                                "recovery": ["none", "projector"]}})
     points = spec.points()
-    history = [{**_metrics("m", 0.8, 700, 5.0, steps=20, seconds=40.0, mode="projector"), "job_wall_s": 76.0},
+    history = [{**_metrics("reference", 0.8, 700, 5.0, steps=20, seconds=40.0, mode="projector"), "job_wall_s": 76.0},
                {**_metrics("other", 0.8, 700, 5.0), "job_wall_s": 1000.0}]
     measured = sweep.estimate(points, history)
     # a run: start 6 s (36 - 30) + fixed 20 s (30 - 0 recovery - 10 accuracy) + 100 questions at 0.1 s;
@@ -203,9 +210,9 @@ def test_importance_and_the_originals_evaluation_run_once_per_sweep(tiny_folder,
         calls["units"] += 1
         return unit_importance(*args, **kwargs)
 
-    def count_accuracy(model, *args, **kwargs):
-        calls["original accuracy" if model is original_model.get("model") else "compressed accuracy"] += 1
-        return accuracy(model, *args, **kwargs)
+    def count_accuracy(loaded, *args, **kwargs):
+        calls["original accuracy" if loaded.model is original_model.get("model") else "compressed accuracy"] += 1
+        return accuracy(loaded, *args, **kwargs)
 
     load = pipeline.load
 
@@ -220,7 +227,9 @@ def test_importance_and_the_originals_evaluation_run_once_per_sweep(tiny_folder,
     monkeypatch.setattr(evaluate, "accuracy", count_accuracy)
     monkeypatch.setattr(evaluate, "latency", lambda models, *a, **k: {n: {"prefill_ms": 1.0, "decode_tokens_per_s": 1.0}
                                                                       for n in models})
-    spec = sweep.SweepSpec.from_dict({"name": "once", "base": {"model": str(tiny_folder), "eval_samples": 3},
+    spec = sweep.SweepSpec.from_dict({"name": "once", "base": {
+        "model": str(tiny_folder), "data": {"calibration": {"source": "shapes", "samples": 10},
+                                            "eval": {"source": "shapes", "samples": 3}}},
                                       "axes": {"prune.method": ["layer", "width"], "prune.ratio": [0.1, 0.15, 0.2]}})
     points = spec.points()
     shared_lines = []
@@ -230,7 +239,7 @@ def test_importance_and_the_originals_evaluation_run_once_per_sweep(tiny_folder,
     assert len(points) == 6
     assert calls == {"layers": 1, "units": 2, "original accuracy": 1, "compressed accuracy": 6}
     assert sum("computed and cached" in line for line in shared_lines) == 3
-    assert sum("original accuracy on 3 questions: measured and cached" in line for line in shared_lines) == 1
+    assert sum("original accuracy on 3 records: measured and cached" in line for line in shared_lines) == 1
     originals = {json.loads((jobs.runs_dir() / p.run_name / "metrics.json").read_text())["original"]["accuracy"]
                  for p in points}
     assert len(originals) == 1  # every run reports the same measured original
@@ -250,10 +259,11 @@ def test_a_sweep_runs_as_jobs_shares_the_original_and_is_cancelled_and_resumed_a
                                                                                          capsys):
     monkeypatch.setenv("COMPRESSION_MAX_JOBS", "2")  # two workers at once: the shared passes are locked
     spec = sweep.SweepSpec.from_dict({
-        "name": "group", "base": {"model": str(tiny_folder), "eval_samples": 3,
-                                  "prune": {"method": "layer", "ratio": 0.3},
-                                  "recovery": {"mode": "projector", "data_fraction": 0.005, "batch_size": 4,
-                                               "epochs": 50, "checkpoint_every": 2}},
+        "name": "group", "base": {"model": str(tiny_folder), "prune": {"method": "layer", "ratio": 0.3},
+                                  "recovery": {"mode": "projector", "batch_size": 4, "epochs": 50,
+                                               "checkpoint_every": 2},
+                                  "data": {"train": {"source": "shapes", "fraction": 0.005},
+                                           "eval": {"source": "shapes", "samples": 3}}},
         "axes": {"recovery.max_steps": [1, 2, 5000]}})
     sweep_id = sweep.launch(spec)
     rows = sorted(jobs.list_jobs(sweep=sweep_id), key=lambda j: j["created"])
@@ -266,8 +276,8 @@ def test_a_sweep_runs_as_jobs_shares_the_original_and_is_cancelled_and_resumed_a
     # the two short runs started together; the long one is still recovering (it evaluates last)
     assert logs.count("importance layers (block_influence, 10 samples): computed and cached") == 1
     assert logs.count("importance layers (block_influence, 10 samples): read from the cache") == 2
-    assert logs.count("original accuracy on 3 questions: measured and cached") == 1
-    assert logs.count("original accuracy on 3 questions: read from the cache") == 1
+    assert logs.count("original accuracy on 3 records: measured and cached") == 1
+    assert logs.count("original accuracy on 3 records: read from the cache") == 1
 
     after_cancel = {j["id"]: j["state"] for j in jobs.cancel_sweep(sweep_id)}
     assert after_cancel == {first: "succeeded", second: "succeeded", long: "cancelled"}
@@ -306,7 +316,7 @@ def test_cli_sweep_bad_input_exits_2_with_one_line(tmp_path, capsys):
     cases = {"empty.yaml": "name: x\nbase: {prune: {method: layer, ratio: 0.3}}\naxes: {prune.ratio: []}\n",
              "unknown.yaml": "name: x\naxes: {prune.ratoi: [0.3]}\n",
              "dup.yaml": "name: x\nbase: {prune: {method: layer}}\naxes: {prune.ratio: [0.3, 0.3]}\n",
-             "big.yaml": "name: x\nbase: {prune: {method: layer}}\naxes: {prune.ratio: [%s], prune.calibration_samples: "
+             "big.yaml": "name: x\nbase: {prune: {method: layer}}\naxes: {prune.ratio: [%s], recovery.seed: "
                          "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}\n" % ", ".join(str(i / 100) for i in range(1, 20))}
     expected = {"empty.yaml": "error: sweep axis prune.ratio is empty",
                 "unknown.yaml": "error: sweep axis prune.ratoi: unknown recipe key",

@@ -8,6 +8,8 @@ only draws. Session state holds the sweep id (``results_sweep``) and the chosen 
 """
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import streamlit as st
 
@@ -25,17 +27,25 @@ def show(key: str) -> None:
 
 # ------------------------------------------------------------------------------------------- Compress: define and launch
 
-def builder(source: str, has_weights: bool) -> None:
-    """The Sweep section of the Compress page."""
+def builder(source: str, has_weights: bool, eval_data, train_data) -> None:
+    """The Sweep section of the Compress page; ``eval_data`` / ``train_data``: the data sources the
+    page picked (the sidebar's evaluation data, the form's training data), each a recipe ``source`` value."""
     st.subheader("Sweep")
     st.caption("A grid of recipes run as one group of jobs. They share the original's importance scores and "
                "accuracy (measured once); Results draws their Pareto front as they finish.")
+    if eval_data is None or not train_data:
+        st.caption(f"Pick the data to evaluate `{source}` on in the sidebar to define a sweep." if eval_data is None
+                   else "Name the training data in the form above to define a sweep: it calibrates the importance "
+                        "scores (and trains any recovery).")
+        follow()
+        return
+    default = _default_spec(source, eval_data, train_data)
     how = st.radio("Define the grid", ["Pick the axes", "Paste a spec (YAML)"], horizontal=True, key="sweep_how")
     try:
         if how == "Pick the axes":
-            spec = sweep.SweepSpec.from_dict(_picked_spec(source))
+            spec = sweep.SweepSpec.from_dict(_picked_spec(default))
         else:
-            text = st.text_area("Sweep spec", value=sweep.SweepSpec.from_dict(_default_spec(source)).to_yaml(),
+            text = st.text_area("Sweep spec", value=sweep.SweepSpec.from_dict(default).to_yaml(),
                                 height=220, key="sweep_yaml",
                                 help="name, base (a recipe) and axes; the file `python -m compression sweep` takes")
             spec = sweep.SweepSpec.from_yaml(text)
@@ -64,34 +74,35 @@ def builder(source: str, has_weights: bool) -> None:
     follow()
 
 
-def _default_spec(source: str) -> dict:
+def _default_spec(source: str, eval_data, train_data) -> dict:
     """The grid the section opens with: both paradigms x 15 / 30 / 40 % x no recovery or SFT + L2 KD
     (widthwise 50 % is more than the paper's eligible layers of the reference model hold)."""
-    return {"name": "sweep", "base": {"model": source, "eval_samples": 200,
-                                      "recovery": {"data_fraction": 0.05, "max_steps": 40}},
+    data = {"train": {"source": train_data, "fraction": 0.05}, "calibration": {"source": train_data, "samples": 10},
+            "eval": {"source": eval_data, "samples": 200}}
+    return {"name": "sweep", "base": {"model": source, "recovery": {"max_steps": 40}, "data": data},
             "axes": {"prune.method": ["layer", "width"], "prune.ratio": [0.15, 0.3, 0.4],
                      "recovery": ["none", "sft+hidden"]}}
 
 
-def _picked_spec(source: str) -> dict:
-    default = _default_spec(source)
-    base, axes = default["base"], default["axes"]
+def _picked_spec(default: dict) -> dict:
+    base, axes = copy.deepcopy(default["base"]), default["axes"]
+    data = base["data"]
     c1, c2, c3 = st.columns(3)
     methods = c1.multiselect("Pruning methods", ["layer", "width"], default=axes["prune.method"], key="sweep_methods")
     ratios = c1.multiselect("Fractions of the language model removed", RATIOS, default=axes["prune.ratio"],
                             key="sweep_ratios")
     recoveries = c2.multiselect("Recoveries", list(sweep.RECOVERY_PRESETS), default=axes["recovery"],
                                 key="sweep_recoveries", help="sft+hidden = full finetuning with hidden-state L2 "
-                                                             "distillation (the paper's best)")
-    data_fraction = c2.number_input("Recovery data fraction", 0.001, 1.0, base["recovery"]["data_fraction"], 0.01,
-                                    format="%.3f", key="sweep_fraction")
-    max_steps = c3.number_input("Max recovery steps (0 = one full epoch)", 0, 100_000, base["recovery"]["max_steps"],
-                                key="sweep_steps")
-    eval_samples = c3.number_input("Test questions per run", 1, 2000, base["eval_samples"], key="sweep_questions")
+                                                             "distillation (the paper's best), on the training "
+                                                             "data named in the form above")
+    data["train"]["fraction"] = float(c2.number_input("Recovery data fraction", 0.0001, 1.0, data["train"]["fraction"],
+                                                      0.01, format="%.4f", key="sweep_fraction"))
+    base["recovery"]["max_steps"] = int(c3.number_input("Max recovery steps (0 = one full epoch)", 0, 100_000,
+                                                        base["recovery"]["max_steps"], key="sweep_steps")) or None
+    data["eval"]["samples"] = int(c3.number_input("Evaluation records per run", 1, 100_000, data["eval"]["samples"],
+                                                  key="sweep_questions"))
     name = c3.text_input("Sweep name", value=default["name"], key="sweep_name")
-    return {"name": name.strip(), "base": {"model": source, "eval_samples": int(eval_samples),
-                                           "recovery": {"data_fraction": float(data_fraction),
-                                                        "max_steps": int(max_steps) or None}},
+    return {"name": name.strip(), "base": base,
             "axes": {"prune.method": methods, "prune.ratio": sorted(ratios), "recovery": recoveries}}
 
 

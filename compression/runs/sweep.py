@@ -5,11 +5,11 @@ A sweep spec (YAML) is a base recipe plus axes over recipe keys::
     name: reference-grid              # every run's name starts with it
     base:                             # a recipe (see recipes/); every point starts from it
       model: reference
-      recovery: {data_fraction: 0.05, max_steps: 40}
-      eval_samples: 200
+      recovery: {max_steps: 40}
+      data: {train: {source: shapes, fraction: 0.05}, eval: {source: shapes, samples: 200}}
     axes:                             # the grid is the product of the axes, in the order written
-      prune.method: [layer, width]    # a dotted recipe key and its values
-      prune.ratio: [0.15, 0.3, 0.5]
+      prune.method: [layer, width]    # a dotted recipe key (any depth: data.eval.samples) and its values
+      prune.ratio: [0.15, 0.3, 0.4]
       recovery: [none, sft+hidden]    # a whole section: a named preset (RECOVERY_PRESETS) or a mapping
 
 Each point is validated as a :class:`~compression.runs.recipe.Recipe`; the points are queued in
@@ -25,10 +25,12 @@ Equal points stay on the front together. The original model is one of the points
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import re
 import statistics
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -58,17 +60,35 @@ class SweepError(ValueError):
     """A sweep spec that cannot be run; the message is one line naming the value and what was expected."""
 
 
-def recipe_keys() -> dict[str, list[str]]:
-    """The keys an axis may name: ``{section: [its fields]}`` and ``{"": [top-level fields]}``."""
-    keys: dict[str, list[str]] = {"": []}
-    for name, info in Recipe.model_fields.items():
-        if name == "name":
-            continue  # runs are named by the sweep
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys[name] = list(annotation.model_fields)
-        keys[""].append(name)
-    return keys
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``DataUse | None`` -> ``DataUse``), else None (a value)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def axis_target(axis: str) -> type[BaseModel] | None:
+    """Check that ``axis`` names a recipe key (``prune.ratio``, ``data.eval.samples``, or a whole
+    section such as ``recovery``); returns the section's model, or None for a value. One-line error."""
+    if axis == "name":
+        raise SweepError("sweep axis name: runs are named by the sweep; expected another recipe key")
+    model: type[BaseModel] = Recipe
+    parts = axis.split(".")
+    for depth, part in enumerate(parts):
+        fields = [f for f in model.model_fields if not (model is Recipe and f == "name")]
+        if part not in fields:
+            prefix = ".".join(parts[:depth])
+            choices = ", ".join(f"{prefix}.{f}" if prefix else f for f in fields)
+            more = " or a dotted key such as prune.ratio" if not prefix else ""
+            raise SweepError(f"sweep axis {axis}: unknown recipe key; expected one of {choices}{more}")
+        section = _section(model.model_fields[part].annotation)
+        if depth == len(parts) - 1:
+            return section
+        if section is None:
+            raise SweepError(f"sweep axis {axis}: {'.'.join(parts[:depth + 1])} is a value, not a section; "
+                             "expected a key below a section, e.g. prune.ratio")
+        model = section
+    return None
 
 
 # ------------------------------------------------------------------------------------------- the spec
@@ -105,9 +125,8 @@ class SweepSpec:
             raise SweepError(f"sweep base: got a {type(self.base).__name__}; expected a mapping of recipe fields")
         if not isinstance(self.axes, dict) or not self.axes:
             raise SweepError("sweep spec has no axes; expected e.g. axes: {prune.ratio: [0.15, 0.3]}")
-        keys = recipe_keys()
         for axis, values in self.axes.items():
-            _check_axis(str(axis), values, keys)
+            _check_axis(str(axis), values)
 
     # ------------------------------------------------------------------ YAML
 
@@ -172,42 +191,35 @@ class SweepSpec:
         return points
 
 
-def _check_axis(axis: str, values: Any, keys: dict[str, list[str]]) -> None:
-    if axis == "name":
-        raise SweepError("sweep axis name: runs are named by the sweep; expected another recipe key")
-    section, _, key = axis.partition(".")
-    if key:
-        if section not in keys or key not in keys[section]:
-            choices = [f"{section}.{k}" for k in keys[section]] if section in keys else \
-                [k for k in keys[""]]
-            raise SweepError(f"sweep axis {axis}: unknown recipe key; expected one of {', '.join(choices)}")
-    elif axis not in keys[""]:
-        raise SweepError(f"sweep axis {axis}: unknown recipe key; expected one of {', '.join(keys[''])} "
-                         "or a dotted key such as prune.ratio")
+def _check_axis(axis: str, values: Any) -> None:
+    section = axis_target(axis)
     if not isinstance(values, list):
         raise SweepError(f"sweep axis {axis}: got {values!r}; expected a list of values, e.g. [0.15, 0.3]")
     if not values:
         raise SweepError(f"sweep axis {axis} is empty; expected a list of one or more values")
-    if not key and axis in keys and axis != "":
-        presets = PRESETS.get(axis, {})
+    presets = PRESETS.get(axis)
+    if section is not None and presets is not None:
         for value in values:
-            if isinstance(value, str) and value in presets:
-                continue
-            if not isinstance(value, dict):
-                named = f"one of the presets {', '.join(presets)} or " if presets else ""
-                raise SweepError(f"sweep axis {axis}: got {value!r}; expected {named}a mapping of {axis} keys")
+            if not (isinstance(value, dict) or (isinstance(value, str) and value in presets)):
+                raise SweepError(f"sweep axis {axis}: got {value!r}; expected one of the presets "
+                                 f"{', '.join(presets)} or a mapping of {axis} keys")
 
 
 def _set(raw: dict[str, Any], axis: str, value: Any) -> None:
-    section, _, key = axis.partition(".")
-    if key:
-        raw.setdefault(section, {})
-        raw[section] = {**(raw[section] or {}), key: value}
-    elif isinstance(raw.get(axis), dict) or axis in PRESETS or isinstance(value, dict):
-        update = PRESETS.get(axis, {}).get(value, value) if isinstance(value, str) else value
-        raw[axis] = {**(raw.get(axis) or {}), **update}
-    else:
-        raw[axis] = value
+    """Set one axis value in a raw recipe: a key below sections, or a whole section (merged over the
+    base's; a preset name stands for its keys). A data use written as its bare source becomes
+    ``{source: ...}`` when a key below it is set."""
+    *path, leaf = axis.split(".")
+    here = raw
+    for part in path:
+        below = here.get(part)
+        here[part] = dict(below) if isinstance(below, dict) else ({} if below is None else {"source": below})
+        here = here[part]
+    if isinstance(value, str) and value in PRESETS.get(axis, {}):
+        value = PRESETS[axis][value]
+    if isinstance(value, dict) and isinstance(here.get(leaf), dict):
+        value = {**here[leaf], **value}
+    here[leaf] = value
 
 
 def _token(value: Any) -> str:
@@ -396,7 +408,10 @@ def describe(recipe: dict[str, Any]) -> str:
         parts.append(f"{prune['method']} {prune['ratio']:.0%}")
     if recovery.get("mode", "none") != "none":
         steps = f", {recovery['max_steps']} steps" if recovery.get("max_steps") else ""
-        parts.append(f"{_recovery_name(recovery)} on {recovery.get('data_fraction', 0):.0%}{steps}")
+        train = (recipe.get("data") or {}).get("train") or {}
+        share = f"{train['fraction']:.0%}" if isinstance(train, dict) and train.get("fraction") else \
+            f"{train.get('samples')} records" if isinstance(train, dict) and train.get("samples") else "its data"
+        parts.append(f"{_recovery_name(recovery)} on {share}{steps}")
     if recipe.get("quantize", "none") != "none":
         parts.append(recipe["quantize"])
     keep = (recipe.get("visual_tokens") or {}).get("keep_ratio", 1.0)
@@ -440,16 +455,41 @@ class Estimate:
         return f"{self.runs} run{'s' * (self.runs != 1)}, about {human_seconds(self.seconds)} ({self.basis})"
 
 
-def recovery_steps(recipe: Recipe) -> int:
-    """Optimizer steps the recipe's recovery takes (as compression.methods.recover.batch_schedule counts them)."""
-    from compression.data import shapes
+@functools.lru_cache(maxsize=64)
+def _source_size(source: str, role: str) -> int | None:
+    """Records in a data source (``source`` as YAML text, for the cache); None when it cannot be opened."""
+    from compression.data.sources import open_source
 
+    try:
+        return len(open_source(yaml.safe_load(source), role))
+    except (ValueError, OSError):
+        return None
+
+
+def records_used(use: Any, role: str) -> int | None:
+    """How many records a recipe's data use (``recipe.data.train`` etc.) picks: ``samples``, or its
+    ``fraction`` of the source (at least one); None when unknown."""
+    if use is None:
+        return None
+    if use.samples is not None:
+        return use.samples
+    size = _source_size(yaml.safe_dump(use.source), role)
+    return max(1, round(size * use.fraction)) if size is not None and use.fraction is not None else None
+
+
+def recovery_steps(recipe: Recipe) -> int:
+    """Optimizer steps the recipe's recovery takes (as compression.methods.recover.batch_schedule
+    counts them: the last incomplete batch dropped, capped by max_steps)."""
     spec = recipe.recovery
     if spec.mode == "none":
         return 0
-    n = max(1, round(shapes.SPLIT_SIZES["train"] * spec.data_fraction))
-    steps = max(1, n // spec.batch_size) * spec.epochs
+    n = records_used(recipe.data.train, "train")
+    steps = max(1, (n or spec.batch_size) // spec.batch_size) * spec.epochs
     return min(steps, spec.max_steps) if spec.max_steps else steps
+
+
+def eval_records(recipe: Recipe) -> int:
+    return records_used(recipe.data.eval, "eval") or 0
 
 
 def estimate(points: Sequence[Point], history: Iterable[dict[str, Any]] | None = None) -> Estimate:
@@ -470,9 +510,9 @@ def estimate(points: Sequence[Point], history: Iterable[dict[str, Any]] | None =
         runs = [m for m in same if not m.get("from_study")] or same  # this machine's own runs first
         rates, basis = _rates(runs)
         bases.append(f"{model}: {basis}")
-        total += sum(rates["question"] * n for n in dict.fromkeys(p.recipe.eval_samples for p in mine))
+        total += sum(rates["question"] * n for n in dict.fromkeys(eval_records(p.recipe) for p in mine))
         for p in mine:
-            total += (rates["start"] + rates["base"] + rates["question"] * p.recipe.eval_samples
+            total += (rates["start"] + rates["base"] + rates["question"] * eval_records(p.recipe)
                       + _recovery_seconds(p.recipe, runs))
     return Estimate(len(points), total / jobs.max_concurrent(), "; ".join(bases))
 
