@@ -294,10 +294,12 @@ def test_a_sweep_of_six_points_from_compress_to_its_front(browser, reference_pat
         page.get_by_text("1 of 6 runs finished").first.wait_for(timeout=900_000)
         shot(page, "sweep-02-results-live")
         page.get_by_text("6 of 6 runs finished").first.wait_for(timeout=1_800_000)
+        # the last run ends the polling with one rerun of the whole page, which adds the charts of every run
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=stPlotlyChart]').length == 6",
+                               timeout=120_000)  # the sweep's two fronts, then the four charts of every finished run
         settle(page, 2)
         no_exception(page)
         charts = page.locator("[data-testid=stPlotlyChart]")
-        assert charts.count() == 6  # the sweep's two fronts, then the four charts of every finished run
         front = charts.first
         assert "Pareto front" in front.inner_text() and "what-if estimate" in front.inner_text()
         runs = sorted(p.name for p in (cache / "runs").iterdir())

@@ -19,14 +19,16 @@ importance scores and accuracy (``compression.runs.shared``).
 
 The front: a point is on the Pareto front when no other point costs at most as much (weights on
 disk, or prefill latency) with at least the accuracy, and is strictly better in one of the two.
-Equal points stay on the front together. The original model is one of the points. Huang et al.
-(arXiv 2507.20749) read their grid the same way: accuracy kept against the share removed.
+Equal points stay on the front together. The original model is one of the points. The grid follows
+Huang et al. (arXiv 2507.20749), who report accuracy kept against the share removed for each pruning
+paradigm and recovery; the front is the choice among such a grid's measured points.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import itertools
+import json
 import math
 import re
 import statistics
@@ -296,8 +298,6 @@ def _config_file(model: str) -> str | None:
 
 def results(sweep_id: str) -> dict[str, Any]:
     """The sweep as it stands: its jobs, the finished runs with their metrics, and the front."""
-    import json
-
     sweep = jobs.get_sweep(sweep_id)
     rows = sorted(jobs.list_jobs(sweep=sweep_id), key=lambda j: (j["created"], j["id"]))
     runs = []
