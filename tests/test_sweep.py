@@ -57,9 +57,10 @@ def test_the_grid_is_the_product_of_the_axes_in_order_with_presets_expanded():
     assert points[0].recipe.recovery.max_steps == 40 and points[0].recipe.data.eval.samples == 200
     # a key at any depth; a data use written as its bare source takes a key below it
     deep = sweep.SweepSpec.from_dict({"name": "deep", "base": {"prune": {"method": "layer", "ratio": 0.3},
-                                                               "data": {"eval": "shapes"}},
-                                      "axes": {"data.eval.samples": [10, 20]}}).points()
-    assert [(p.recipe.data.eval.source, p.recipe.data.eval.samples) for p in deep] == [("shapes", 10), ("shapes", 20)]
+                                                               "data": {"train": "shapes"}},
+                                      "axes": {"data.train.fraction": [0.01, 0.05]}}).points()
+    assert [(p.recipe.data.train.source, p.recipe.data.train.fraction) for p in deep] == [("shapes", 0.01),
+                                                                                          ("shapes", 0.05)]
     names = [p.run_name for p in points]
     assert len(set(names)) == 12 and names[1] == "grid-02-layer-0.15-sft-hidden"
     assert points[1].label == "layer · 0.15 · sft+hidden"
@@ -81,6 +82,8 @@ def test_the_grid_is_the_product_of_the_axes_in_order_with_presets_expanded():
      "sweep point 2 (layer · 1.5) field prune.ratio: got 1.5; expected a number < 1.0"),
     ({"recovery": ["sft+hiden"]}, "sweep axis recovery: got 'sft+hiden'; expected one of the presets none, projector"),
     ({"prune.ratio": 0.3}, "sweep axis prune.ratio: got 0.3; expected a list of values"),
+    ({"data.eval.samples": [100, 200]}, "sweep axis data.eval.samples: every run of a sweep is scored on the same "
+                                        "records; expected data.eval in the base"),
     ({}, "sweep spec has no axes"),
 ])
 def test_bad_spec_is_one_line(axes, message):

@@ -195,6 +195,10 @@ class SweepSpec:
 
 def _check_axis(axis: str, values: Any) -> None:
     section = axis_target(axis)
+    if axis == "data" or axis.startswith("data.eval"):
+        # accuracies on different records do not compare, and a front across them would mislead
+        raise SweepError(f"sweep axis {axis}: every run of a sweep is scored on the same records; expected "
+                         "data.eval in the base, not on an axis")
     if not isinstance(values, list):
         raise SweepError(f"sweep axis {axis}: got {values!r}; expected a list of values, e.g. [0.15, 0.3]")
     if not values:
