@@ -335,3 +335,22 @@ def test_cli_sweep_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert cli.main(["sweep", "resume"]) == 2
     assert "needs a sweep id" in capsys.readouterr().err
     assert jobs.list_jobs() == []
+
+
+def test_the_shipped_study_is_small_data_with_its_command():
+    [study] = [s for s in studies.shipped() if s["name"] == "reference-grid"]
+    assert len(study["runs"]) == 12 and study["command"].startswith(
+        "python -m compression sweep compression/assets/studies/reference-grid/sweep.yaml")
+    assert study["rerun"] == "python -m compression sweep compression/assets/studies/reference-grid/sweep.yaml"
+    spec = sweep.SweepSpec.from_yaml(studies.STUDIES_DIR / "reference-grid" / "sweep.yaml")
+    assert [r["recipe"] for r in study["runs"]] == [p.recipe.to_dict() for p in spec.points()], \
+        "the shipped study was made from other recipes than its spec makes now: re-run its command"
+    for run in study["runs"]:
+        assert {"original", "compressed", "kept", "what_if", "timings", "recipe", "evaluation"} <= set(run["metrics"])
+    # the original was evaluated once for the whole sweep, then read from the cache
+    assert [r["metrics"]["evaluation"]["original_accuracy"] for r in study["runs"]].count("measured in this run") == 1
+    assert len({r["metrics"]["original"]["accuracy"] for r in study["runs"]}) == 1
+    assert study["front"] and set(study["front"]) <= {r["name"] for r in study["runs"]}
+    folder = studies.STUDIES_DIR / "reference-grid"
+    assert sorted(p.name for p in folder.iterdir()) == ["study.json", "sweep.yaml"]  # no weights
+    assert (folder / "study.json").stat().st_size < 1_000_000
