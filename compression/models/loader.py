@@ -28,11 +28,10 @@ import torch
 from torch import nn
 
 from compression.paths import cache_dir
-from compression.models.reference import REFERENCE_PATH
+from compression.models.catalog import REFERENCE_PATH, shipped_configs
 
 SUPPORTED_LANGUAGE = ("llama", "mistral", "qwen2", "phi", "gemma")
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
-CONFIGS_PATH = Path(__file__).resolve().parent.parent / "assets" / "configs"
 SourceKind = Literal["reference", "local", "hub", "config"]
 
 # Projection names per language backbone: attention q/k/v/o, MLP (gate, up, down); gate None = ungated.
@@ -243,10 +242,6 @@ def fingerprint_folder(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def shipped_configs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CONFIGS_PATH.glob("*.json"))}
-
-
 def _read_config(path: Path):
     from transformers import AutoConfig
 
@@ -375,14 +370,3 @@ def load_processor(path: Path, trust_remote_code: bool = False):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load the processor from {path}: {first}; expected tokenizer and "
                              "processor files beside config.json") from None
-
-
-def available_models(cache_root: Path | None = None) -> list[dict[str, str]]:
-    """Models the user can pick without typing a path: the reference, shipped configs, finished runs."""
-    rows = [{"name": "reference", "kind": "reference", "path": str(REFERENCE_PATH)}]
-    rows += [{"name": f"config:{n}", "kind": "config", "path": str(p)} for n, p in shipped_configs().items()]
-    runs = (cache_root or cache_dir()) / "runs"
-    for run in sorted(runs.glob("*/model")) if runs.is_dir() else []:
-        if (run / "config.json").is_file():
-            rows.append({"name": f"run:{run.parent.name}", "kind": "local", "path": str(run)})
-    return rows
