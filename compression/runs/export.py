@@ -22,8 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from compression.paths import cache_dir
 
 ZIP_LIMIT_BYTES = 200 * 1024 ** 2   # larger exports are not offered as one browser download
@@ -188,6 +186,7 @@ def verify_export(run_model: Path, export_dir: Path, remote_code: bool) -> tuple
     """``(max |logits difference|, same greedy answer)`` between the run's model (loaded here) and the export
     reloaded in a fresh process with plain transformers, on a fixed image and question rendered with the
     model's own prompt format (the greedy answer: 8 new token ids)."""
+    import torch
     from safetensors.torch import load_file
 
     from compression.measure.evaluate import _to_model
