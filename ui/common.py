@@ -287,12 +287,10 @@ def _load(source: str):
 
 def loaded_model(need_weights: bool = False, source: str | None = None):
     """The chosen model (read-only, cached); on bad input a one-line error and the page stops."""
-    from compression.models import ModelLoadError
-
     source = source or current_source()
     try:
         loaded = _load(source)
-    except (ModelLoadError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # ModelLoadError is a ValueError: no import here, it would load torch early
         st.error(one_line(e))
         st.stop()
     if need_weights and not loaded.has_weights:
