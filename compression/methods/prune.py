@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from compression.models import Anatomy, LoadedModel, anatomy_from_config, parameter_counts
+from compression.models.families.processors import save_processor
 from compression.measure.whatif import HARDWARE, bytes_by_dtype, what_if  # noqa: F401 - re-exported: prune.what_if
 from compression.measure.whatif import _unpack
 
@@ -292,12 +293,13 @@ def _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_
                 notes=[f"removes {k} of {n} decoder layers; layer_idx renumbered for the KV cache"])
 
 
-def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float):
+def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float, heads_prunable: bool = True):
     """Per eligible layer: (head config, neurons kept), and the parameters removed."""
     chosen, cut = {}, 0
     for i in eligible:
         c = costs[i]
-        k, g = _heads_for(1 - fraction_removed, c.heads, c.kv_heads)
+        k, g = (_heads_for(1 - fraction_removed, c.heads, c.kv_heads) if heads_prunable
+                else (c.kv_heads, c.heads // c.kv_heads))
         m = _neurons_for(1 - fraction_removed, c.neurons)
         chosen[i] = ((k, g), m)
         cut += (c.heads - k * g) * c.per_head + (c.kv_heads - k) * c.per_kv_head + (c.neurons - m) * c.per_neuron
@@ -311,7 +313,10 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
     eligible = list(range(start, stop))
     language = counts["language"]
     fractions = np.linspace(0, 0.995, 400)
-    candidates = [_width_counts(costs, eligible, f) for f in fractions]
+    if anatomy.fused:
+        raise ValueError(f"width pruning of {anatomy.language_model_type} is not supported: its projections "
+                         f"{', '.join(anatomy.fused)} are fused; use layerwise pruning")
+    candidates = [_width_counts(costs, eligible, f, anatomy.heads_prunable) for f in fractions]
     achieved = [cut / language for _, cut in candidates]
     what = _describe(ratio, target_mb)
     best = max(achieved)
@@ -346,6 +351,9 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
         scorer = "/".join(methods) if methods else "none (lowest indices kept)"
     notes = [f"same fraction removed in every layer of [{start}, {stop}); heads kept as whole KV groups "
              "with the same query heads per group (GQA)"]
+    if not anatomy.heads_prunable:
+        notes.append(f"attention heads kept: the {anatomy.language_model_type} attention derives head_dim from "
+                     "hidden_size / num_attention_heads, so fewer heads would not load; MLP neurons only")
     if all(c.neurons % NEURON_MULTIPLE == 0 for c in costs):
         notes.append(f"neuron counts rounded to multiples of {NEURON_MULTIPLE} (bitsandbytes nf4 on CPU needs it)")
     if scores is not None and len(names) < 2:
@@ -382,10 +390,33 @@ def _head_rows(heads: list[int], head_dim: int, device) -> torch.Tensor:
     return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long, device=device)
 
 
+def _slice_head_norm(attn: nn.Module, name: str, head_dim: int, rows_by_heads: dict[int, torch.Tensor]) -> None:
+    """A per-head q/k norm: one of ``head_dim`` is shared by every head and stays; one of ``heads * head_dim``
+    belongs to the heads and keeps the rows of those kept."""
+    norm = getattr(attn, name)
+    weight = getattr(norm, "weight", None)
+    if weight is None or weight.numel() == head_dim:
+        return
+    heads = weight.numel() // head_dim
+    if weight.numel() % head_dim or heads not in rows_by_heads:
+        raise ValueError(f"{name} has {weight.numel()} weights; expected head_dim {head_dim} or a multiple "
+                         f"matching the heads ({sorted(rows_by_heads)})")
+    rows = rows_by_heads[heads]
+    norm.weight = nn.Parameter(weight.detach().index_select(0, rows).clone(), requires_grad=weight.requires_grad)
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (len(rows),)
+
+
 def _prune_layer_width(layer: nn.Module, anatomy: Anatomy, i: int, heads: list[int] | None,
                        kv_heads: list[int] | None, neurons: list[int] | None) -> None:
     hd = anatomy.head_dim
     attn, mlp = layer.get_submodule(anatomy.attention), layer.get_submodule(anatomy.mlp)
+    if anatomy.fused:
+        raise ValueError(f"width pruning of {anatomy.language_model_type} is not supported: its projections "
+                         f"{', '.join(anatomy.fused)} are fused; use layerwise pruning")
+    if heads is not None and not anatomy.heads_prunable and len(heads) != anatomy.heads_per_layer[i]:
+        raise ValueError(f"layer {i}: the {anatomy.language_model_type} attention derives head_dim from the head "
+                         "count, so its heads cannot be pruned; prune MLP neurons only")
     if heads is not None:
         n_heads, n_kv = anatomy.heads_per_layer[i], anatomy.kv_heads_per_layer[i]
         group = n_heads // n_kv
@@ -403,6 +434,8 @@ def _prune_layer_width(layer: nn.Module, anatomy: Anatomy, i: int, heads: list[i
         setattr(attn, anatomy.k_proj, _sliced_linear(getattr(attn, anatomy.k_proj), rows=kv_rows))
         setattr(attn, anatomy.v_proj, _sliced_linear(getattr(attn, anatomy.v_proj), rows=kv_rows))
         setattr(attn, anatomy.o_proj, _sliced_linear(getattr(attn, anatomy.o_proj), cols=q_rows))
+        for name in anatomy.head_norms:
+            _slice_head_norm(attn, name, hd, {n_heads: q_rows, n_kv: kv_rows})
         attn.num_key_value_groups = len(heads) // len(kv_heads)  # read by repeat_kv / SDPA's GQA path
     if neurons is not None:
         neurons = sorted(neurons)
@@ -439,13 +472,14 @@ def _sync_config(model: nn.Module, anatomy: Anatomy) -> None:
     """Write the real per-layer widths into the config: plain fields when uniform, else ``pruned_widths``.
 
     Non-uniform (or uniform but failing transformers' ``hidden_size % num_attention_heads == 0``
-    check) models become ``LlavaPrunedForConditionalGeneration``: the config object's class is
-    swapped in place, so every submodule that holds a reference to it sees the change.
+    check) models become their family's pruned class (LLaVA: ``LlavaPrunedForConditionalGeneration``):
+    the config object's class is swapped in place, so every submodule that holds a reference to it
+    sees the change; a uniform model goes back to the family's stock class.
     """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from compression.models import families
+    from compression.models.pruned import pruned_classes
 
-    from compression.models.pruned import LlavaPrunedConfig, LlavaPrunedForConditionalGeneration
-
+    family = families.family_for(model.config)
     text = model.config.text_config
     heads, kv, inter = [], [], []
     for layer in anatomy.decoder_layers(model):
@@ -459,14 +493,19 @@ def _sync_config(model: nn.Module, anatomy: Anatomy) -> None:
         text.num_attention_heads, text.num_key_value_heads, text.intermediate_size = heads[0], kv[0], inter[0]
         if hasattr(text, "pruned_widths"):
             del text.pruned_widths
-        if isinstance(model, LlavaPrunedForConditionalGeneration):
-            model.config.__class__ = LlavaConfig
-            model.__class__ = LlavaForConditionalGeneration
+        if model.config.model_type == family.pruned_model_type:
+            model.config.__class__ = family.transformers_class("config")
+            model.__class__ = family.transformers_class("model")
         return
+    if family.pruned_model_type is None:
+        raise ValueError(f"{family.name}: widths {heads} heads / {kv} KV heads / {inter} neurons per layer are not "
+                         "uniform, and only LLaVA has a class for per-layer widths; prune every layer alike "
+                         "(a layer range covering all layers)")
+    config_class, model_class = pruned_classes(family)
     text.pruned_widths = {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter}
-    if not isinstance(model.config, LlavaPrunedConfig):
-        model.config.__class__ = LlavaPrunedConfig
-        model.__class__ = LlavaPrunedForConditionalGeneration
+    if not isinstance(model.config, config_class):
+        model.config.__class__ = config_class
+        model.__class__ = model_class
     _forget_legacy_key_mapping(model)
 
 
@@ -511,8 +550,8 @@ def prune(loaded: LoadedModel, plan: Plan) -> LoadedModel:
 def save_pruned(model: nn.Module, processor: Any, out_dir: str | Path, plan: Plan | None = None) -> Path:
     """Write a Hugging Face folder; nothing is visible at ``out_dir`` until it is complete.
 
-    Uniform widths: a plain ``llava`` config (``LlavaForConditionalGeneration.from_pretrained``).
-    Non-uniform: ``model_type: "llava_pruned"`` plus ``configuration_llava_pruned.py`` /
+    Uniform widths: the family's own config (``AutoModelForImageTextToText.from_pretrained``).
+    Non-uniform (LLaVA): ``model_type: "llava_pruned"`` plus ``configuration_llava_pruned.py`` /
     ``modeling_llava_pruned.py`` and ``auto_map`` (``from_pretrained(..., trust_remote_code=True)``).
     ``plan`` (optional) is written beside it as ``pruning_plan.json``.
     """
@@ -522,14 +561,14 @@ def save_pruned(model: nn.Module, processor: Any, out_dir: str | Path, plan: Pla
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    from compression.models.pruned import LlavaPrunedForConditionalGeneration
+    from compression.models import families
 
-    if isinstance(model, LlavaPrunedForConditionalGeneration):
+    if model.config.model_type == families.family_for(model.config).pruned_model_type:
         _forget_legacy_key_mapping(model)
     try:
         model.save_pretrained(tmp)
         if processor is not None:
-            processor.save_pretrained(tmp)
+            save_processor(processor, tmp)
         if plan is not None:
             (tmp / "pruning_plan.json").write_text(plan.to_json())
         if out.exists():

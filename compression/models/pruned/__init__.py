@@ -20,3 +20,10 @@ def _register() -> None:
 
 
 _register()
+
+
+def pruned_classes(family) -> tuple[type, type]:
+    """``(config class, model class)`` of a family's non-uniformly pruned folders."""
+    if family.pruned_model_type != "llava_pruned":
+        raise ValueError(f"{family.name} has no pruned-model class; expected LLaVA")
+    return LlavaPrunedConfig, LlavaPrunedForConditionalGeneration

@@ -1,0 +1,97 @@
+"""Every family end to end on a tiny random model: load -> importance -> layer prune -> width prune ->
+recovery -> save -> reload in a fresh process with plain transformers (logits within 1e-4, same greedy answer).
+
+Data goes through the one data path (``compression.data.sources``) from a LLaVA-format JSON file and is
+prompted with the family's chat template (``compression.models.prompting``).
+"""
+import pytest
+import torch
+
+from compression import models
+from compression.methods import importance, prune, recover
+from compression.models import families
+from compression.runs import export
+from tests.families import BUILDERS, LAYERS
+from tests.tiny import write_llava_dataset
+
+# projector recovery trains the family's projector / merger; lora adds adapters on the decoder (merged after)
+RECOVERY = {"llava": "projector", "llava_next": "lora", "llava_onevision": "projector", "gemma3": "lora",
+            "paligemma": "projector", "idefics3": "lora", "smolvlm": "projector"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_llava_dataset(tmp_path_factory.mktemp("data"), n=6)
+
+
+def _vision_only(model, anatomy) -> dict[str, torch.Tensor]:
+    """The vision tower's weights that are not the projector's (Qwen's merger sits inside the tower)."""
+    projector = {id(p) for p in anatomy.projector_parameters(model)}
+    return {n: p.detach().clone() for n, p in model.get_submodule(anatomy.vision_tower).named_parameters()
+            if id(p) not in projector}
+
+
+def _logits(loaded, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return loaded.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_family_analyze_prune_recover_export(name, tmp_path, data):
+    folder = BUILDERS[name](tmp_path / "model")
+    loaded = models.load(str(folder))
+    anatomy, family = loaded.anatomy, families.family_for(name)
+    assert anatomy.family == family.name and anatomy.num_layers == LAYERS
+    assert loaded.prompt.uses_chat_template == (family.token_types != "prefix")
+
+    selection = importance.calibration_selection({"path": str(data)}, n=4)
+    batches = importance.calibration_batches(loaded.prompt, selection.records, batch_size=2)
+    for batch in batches:  # visual tokens where the description says, the answer supervised
+        per_row = (batch["input_ids"] == anatomy.image_token_index).sum(1)
+        assert bool((per_row > 0).all())
+        if anatomy.visual_tokens_fixed:
+            assert per_row.tolist() == [anatomy.visual_tokens] * len(per_row)
+        assert int((batch["labels"] != -100).sum()) >= len(per_row)
+        assert set(family.forward_kwargs) <= set(batch)
+
+    layers = importance.layer_importance(loaded, batches)
+    assert len(layers) == LAYERS and bool((layers["score"] > 0).all())
+    vision_before = _vision_only(loaded.model, anatomy)
+
+    plan = prune.make_plan(loaded, "layer", ratio=0.2, scores=layers)
+    assert len(plan.layers_removed) == 1
+    student = prune.prune(loaded, plan)
+    assert student.anatomy.num_layers == LAYERS - 1 == student.model.config.text_config.num_hidden_layers
+    layer_types = getattr(student.model.config.text_config, "layer_types", None)
+    assert layer_types is None or len(layer_types) == LAYERS - 1
+
+    heads = importance.unit_importance(student, batches, "heads", "taylor")
+    neurons = importance.unit_importance(student, batches, "neurons", "taylor")
+    assert bool((heads["score"] > 0).any()) and bool((neurons["score"] > 0).all())
+    width = prune.make_plan(student, "width", ratio=0.3, scores={"heads": heads, "neurons": neurons},
+                            layer_range=(0, LAYERS - 1))
+    student = prune.prune(student, width)
+    a = student.anatomy
+    assert a.uniform and a.intermediate_size < 128
+    text = student.model.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads, text.intermediate_size) == (
+        a.num_attention_heads, a.num_key_value_heads, a.intermediate_size)
+    if a.heads_prunable:
+        assert a.num_attention_heads < 4 and a.num_attention_heads % a.num_key_value_heads == 0  # GQA groups kept whole
+    for norm in a.head_norms:  # shared per-head norms keep head_dim weights
+        assert getattr(a.decoder_layers(student.model)[0].get_submodule(a.attention), norm).weight.shape == (16,)
+
+    result = recover.recover(student.model, a, student.prompt, selection.records,
+                             recover.RecoveryConfig(mode=RECOVERY[name], max_steps=2, batch_size=2, learning_rate=1e-3))
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    model = result.model
+    after = _vision_only(model, a)
+    assert vision_before.keys() == after.keys() and all(torch.equal(vision_before[k], after[k]) for k in after)
+
+    out = prune.save_pruned(model, student.processor, tmp_path / "pruned", width)
+    reloaded = models.load(str(out))
+    assert reloaded.anatomy.num_layers == LAYERS - 1 and reloaded.anatomy.intermediate_size == a.intermediate_size
+    student.model = model
+    assert (_logits(reloaded, batches[0]) - _logits(student, batches[0])).abs().max() < 1e-5
+    difference, same_answer = export.verify_export(out, out, remote_code=False)
+    assert difference <= 1e-4 and same_answer
