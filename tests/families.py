@@ -230,7 +230,139 @@ def save_smolvlm(folder: Path, seed: int = 0) -> Path:
     return _save_idefics(folder, "smolvlm", seed)
 
 
+# ------------------------------------------------------------------------------------------ Qwen-VL
+
+# Qwen/Qwen2-VL-7B-Instruct (Qwen2.5-VL ships the same), reproduced from the public template (research §3.4)
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == "
+    "'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+# Qwen/Qwen3-VL-*-Instruct, abridged (tool and thinking branches removed; no default system prompt; research §3.6)
+QWEN3_VL_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- for message in messages %}{%- if message.role == 'user' %}{{- '<|im_start|>' + message.role + "
+    "'\n' }}{%- if message.content is string %}{{- message.content }}{%- else %}{%- for content in message.content %}"
+    "{%- if content.type == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>{%- elif 'text' "
+    "in content %}{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- elif message.role "
+    "== 'assistant' %}{{- '<|im_start|>assistant\n' }}{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content in message.content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\n' }}{%- endif %}")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>"]
+
+
+def _save_qwen(folder: Path, family_type: str, seed: int) -> Path:
+    from transformers import Qwen2VLImageProcessorPil
+
+    tok = family_tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", unk=None,
+                           extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                  "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+    patch = 16 if family_type == "qwen3_vl" else 14
+    pixels = (4 * patch) ** 2  # at most a 4x4 patch grid: 4 visual tokens after the 2x2 merge
+    ip = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch, merge_size=2)
+    family = families.family_for(family_type)
+    template = QWEN3_VL_TEMPLATE if family_type == "qwen3_vl" else QWEN2_VL_TEMPLATE
+    processor = build_processor(family, ip, tok, template)
+    ids = _ids(tok, image="<|image_pad|>", video="<|video_pad|>", start="<|vision_start|>", end="<|vision_end|>")
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    if family_type == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    text = _text(tok, f"{family_type}_text", None, "<|im_end|>", "<|endoftext|>", rope_parameters=rope)
+    vision = {"qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+              "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                 window_size=56, fullatt_block_indexes=[1]),
+              "qwen3_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               num_position_embeddings=16, deepstack_visual_indexes=[0])}[family_type]
+    config = family.transformers_class("config")(
+        text_config=text, vision_config=dict(patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, **vision),
+        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["start"],
+        vision_end_token_id=ids["end"], tie_word_embeddings=False)
+    return _save(folder, family_type, config, processor, seed)
+
+
+def save_qwen2_vl(folder: Path, seed: int = 0) -> Path:
+    return _save_qwen(folder, "qwen2_vl", seed)
+
+
+def save_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
+    return _save_qwen(folder, "qwen2_5_vl", seed)
+
+
+def save_qwen3_vl(folder: Path, seed: int = 0) -> Path:
+    return _save_qwen(folder, "qwen3_vl", seed)
+
+
+# ------------------------------------------------------------------------------------------ InternVL, Mistral 3
+
+# OpenGVLab/InternVL3-*-hf (transformers' convert_internvl_weights_to_hf.py)
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}{% endif %}")
+
+
+def save_internvl(folder: Path, seed: int = 0) -> Path:
+    from transformers import GotOcr2ImageProcessorPil
+
+    tok = family_tokenizer(["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"], None,
+                           "<|im_end|>", "<|endoftext|>", unk=None,
+                           extra={"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
+                                  "end_image_token": "</img>", "video_token": "<video>"})
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
+    family = families.family_for("internvl")
+    processor = build_processor(family, ip, tok, INTERNVL_TEMPLATE, image_seq_length=4)
+    config = family.transformers_class("config")(
+        vision_config=dict(image_size=[32, 32], patch_size=[8, 8], **VISION),
+        text_config=_text(tok, "qwen2", None, "<|im_end|>", "<|endoftext|>"),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4, downsample_ratio=0.5,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    return _save(folder, "internvl", config, processor, seed)
+
+
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503, abridged (default system prompt shortened, date logic removed)
+MISTRAL3_TEMPLATE = (
+    "{%- set default_system_message = 'You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI.' %}"
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- if messages[0]['content'] is string %}{%- set "
+    "system_message = messages[0]['content'] %}{%- else %}{%- set system_message = messages[0]['content'][0]['text'] %}"
+    "{%- endif %}{%- set loop_messages = messages[1:] %}{%- else %}{%- set system_message = default_system_message %}"
+    "{%- set loop_messages = messages %}{%- endif %}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}{%- if message['content'] is string %}"
+    "{{- '[INST]' + message['content'] + '[/INST]' }}{%- else %}{{- '[INST]' }}{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}{%- elif block['type'] in ['image', 'image_url'] %}"
+    "{{- '[IMG]' }}{%- else %}{{- raise_exception('Only text and image blocks are supported in message content!') }}"
+    "{%- endif %}{%- endfor %}{{- '[/INST]' }}{%- endif %}{%- elif message['role'] == 'assistant' %}{%- if "
+    "message['content'] is string %}{{- message['content'] + eos_token }}{%- else %}{{- message['content'][0]['text'] "
+    "+ eos_token }}{%- endif %}{%- endif %}{%- endfor %}")
+
+
+def save_mistral3(folder: Path, seed: int = 0) -> Path:
+    from transformers import PixtralImageProcessorPil
+
+    tok = family_tokenizer(["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]",
+                            "[IMG_END]"], "<s>", "</s>", "<pad>")
+    ip = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": 8, "width": 8})
+    family = families.family_for("mistral3")
+    processor = build_processor(family, ip, tok, MISTRAL3_TEMPLATE, patch_size=8, spatial_merge_size=2)
+    config = family.transformers_class("config")(
+        vision_config=dict(model_type="pixtral", head_dim=16, image_size=32, patch_size=8, **VISION),
+        text_config=_text(tok, "mistral", "<s>", "</s>", "<pad>"), image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
+    return _save(folder, "mistral3", config, processor, seed)
+
+
 BUILDERS: dict[str, Callable[..., Path]] = {
     "llava": save_llava, "llava_next": save_llava_next, "llava_onevision": save_llava_onevision,
     "gemma3": save_gemma3, "paligemma": save_paligemma, "idefics3": save_idefics3, "smolvlm": save_smolvlm,
+    "qwen2_vl": save_qwen2_vl, "qwen2_5_vl": save_qwen2_5_vl, "qwen3_vl": save_qwen3_vl, "internvl": save_internvl,
+    "mistral3": save_mistral3,
 }

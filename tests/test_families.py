@@ -16,7 +16,8 @@ from tests.tiny import write_llava_dataset
 
 # projector recovery trains the family's projector / merger; lora adds adapters on the decoder (merged after)
 RECOVERY = {"llava": "projector", "llava_next": "lora", "llava_onevision": "projector", "gemma3": "lora",
-            "paligemma": "projector", "idefics3": "lora", "smolvlm": "projector"}
+            "paligemma": "projector", "idefics3": "lora", "smolvlm": "projector", "qwen2_vl": "projector",
+            "qwen2_5_vl": "lora", "qwen3_vl": "projector", "internvl": "lora", "mistral3": "projector"}
 
 
 @pytest.fixture(scope="module")

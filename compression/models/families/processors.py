@@ -19,6 +19,7 @@ processor's geometry.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -54,13 +55,10 @@ def processor_class(family: Family) -> type:
     if stock.__name__ == "SmolVLMProcessor":
         _num2words_for_images()
     if stock.__name__ not in _IMAGE_ONLY:
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            stock.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                           chat_template=chat_template, **kwargs)
-
+        init = _init_without_video(stock)
         # the same name as the stock class, so that save_pretrained writes a processor_class AutoProcessor knows
         _IMAGE_ONLY[stock.__name__] = type(stock.__name__, (stock,), {
-            "__init__": __init__, "__module__": __name__, "image_only": True, **family.processor_defaults})
+            "__init__": init, "__module__": __name__, "image_only": True, **family.processor_defaults})
     return _IMAGE_ONLY[stock.__name__]
 
 
@@ -74,6 +72,24 @@ def _num2words_for_images() -> None:
             raise NotImplementedError("num2words is not installed: video prompts are not supported here")
 
         smolvlm.num2words = num2words
+
+
+def _init_without_video(stock: type):
+    """``stock.__init__`` with the same parameters, less ``video_processor`` (always None).
+
+    A real function with those named parameters, not ``*args, **kwargs``: ``ProcessorMixin`` finds its
+    sub-processors in ``inspect.signature(__init__)``, saves the arguments named there (``to_dict``) and
+    passes back on loading those in ``__init__.__code__.co_varnames`` (``from_args_and_dict``) — InternVL's
+    ``image_seq_length``, every ``chat_template``."""
+    params = [p for p in inspect.signature(stock.__init__).parameters.values()
+              if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name not in ("self", "video_processor")]
+    names = [p.name for p in params]
+    defaults = {p.name: None if p.default is inspect.Parameter.empty else p.default for p in params}
+    source = (f"def __init__(self, {''.join(f'{n}=_defaults[{n!r}], ' for n in names)}**kwargs):\n"
+              f"    _stock.__init__(self, video_processor=None, {''.join(f'{n}={n}, ' for n in names)}**kwargs)\n")
+    namespace = {"_defaults": defaults, "_stock": stock}
+    exec(source, namespace)  # noqa: S102 - the source is built from parameter names only
+    return namespace["__init__"]
 
 
 def build_processor(family: Family, image_processor, tokenizer, chat_template: str | None = None, **kwargs):
