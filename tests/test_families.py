@@ -96,3 +96,71 @@ def test_family_analyze_prune_recover_export(name, tmp_path, data):
     assert (_logits(reloaded, batches[0]) - _logits(student, batches[0])).abs().max() < 1e-5
     difference, same_answer = export.verify_export(out, out, remote_code=False)
     assert difference <= 1e-4 and same_answer
+
+
+@pytest.fixture(scope="module")
+def folder_of(tmp_path_factory):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = BUILDERS[name](tmp_path_factory.mktemp(name) / "model")
+        return built[name]
+    return get
+
+
+def _images():
+    """Two images of different shapes: variable-count families give them different visual-token counts."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in ((32, 32, 3), (40, 72, 3))]
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_family_visual_token_pruning(name, folder_of):
+    from compression.measure import evaluate
+    from compression.methods import tokens
+    from compression.models.prompting import question_inputs
+
+    loaded = models.load(str(folder_of(name)))
+    anatomy = loaded.anatomy
+    images, questions = _images(), ["what colour is the square?", "is there a cat?"]
+    inputs = question_inputs(loaded.prompt, images, questions)
+    counts = (inputs["input_ids"] == anatomy.image_token_index).sum(1).tolist()
+    assert all(c > 0 for c in counts)
+    if anatomy.visual_tokens_fixed:
+        assert counts == [anatomy.visual_tokens] * 2
+    plain = evaluate.generate(loaded.model, loaded.prompt, inputs, max_new_tokens=4)
+    # keeping every token must be the same computation as the model's own (positions, masks, DeepStack)
+    kept_all = evaluate.generate(loaded.model, loaded.prompt, inputs, max_new_tokens=4,
+                                 generate_fn=tokens.make_generate_fn(1.0, "none"))
+    assert kept_all == plain
+    pruned = tokens.prune_visual_tokens(loaded.model, inputs, tokens.TokenPruningConfig(0.5, "hybrid"))
+    kept = pruned.kept if isinstance(pruned.kept, list) else list(pruned.kept)
+    assert [len(k) for k in kept] == [tokens.keep_count(c, 0.5) for c in counts]
+    assert pruned.attention_mask.sum(1).tolist() == [
+        int(m) - c + tokens.keep_count(c, 0.5) for m, c in zip(inputs["attention_mask"].sum(1), counts)]
+    answers = evaluate.generate(loaded.model, loaded.prompt, inputs, max_new_tokens=4,
+                                generate_fn=tokens.make_generate_fn(0.5, "hybrid"))
+    assert len(answers) == 2
+    grid = tokens.analyze_tokens(loaded, images[1], questions[1])
+    rows, cols = grid["grid"]
+    assert rows * cols + int(grid["cls_outside_grid"]) == grid["visual_tokens"] == counts[1]
+
+
+@pytest.mark.parametrize("name", [n for n in BUILDERS if n != "llava"])  # LLaVA's: tests/test_prune.py
+def test_family_non_uniform_widths_reload_with_their_modeling_file(name, folder_of, tmp_path):
+    loaded = models.load(str(folder_of(name)))
+    plan = prune.make_plan(loaded, "width", ratio=0.2, layer_range=(1, LAYERS))  # layer 0 stays whole
+    student = prune.prune(loaded, plan)
+    family = families.family_for(name)
+    assert not student.anatomy.uniform and student.model.config.model_type == family.pruned_model_type
+    out = prune.save_pruned(student.model, student.processor, tmp_path / "pruned", plan)
+    assert (out / "modeling_vlm_pruned.py").is_file() and (out / "configuration_vlm_pruned.py").is_file()
+    reloaded = models.load(str(out))
+    assert reloaded.anatomy.intermediate_per_layer == student.anatomy.intermediate_per_layer
+    assert reloaded.anatomy.heads_per_layer == student.anatomy.heads_per_layer
+    difference, same_answer = export.verify_export(out, out, remote_code=True)
+    assert difference <= 1e-4 and same_answer

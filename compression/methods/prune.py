@@ -497,12 +497,12 @@ def _sync_config(model: nn.Module, anatomy: Anatomy) -> None:
             model.config.__class__ = family.transformers_class("config")
             model.__class__ = family.transformers_class("model")
         return
-    if family.pruned_model_type is None:
-        raise ValueError(f"{family.name}: widths {heads} heads / {kv} KV heads / {inter} neurons per layer are not "
-                         "uniform, and only LLaVA has a class for per-layer widths; prune every layer alike "
-                         "(a layer range covering all layers)")
     config_class, model_class = pruned_classes(family)
     text.pruned_widths = {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter}
+    if family.model_type != "llava":  # the generic pruned class finds the layers and projections by these names
+        text.pruned_widths.update(layers=anatomy.layers, attention=[anatomy.q_proj, anatomy.k_proj, anatomy.v_proj,
+                                                                    anatomy.o_proj],
+                                  mlp=[anatomy.gate_proj, anatomy.up_proj, anatomy.down_proj])
     if not isinstance(model.config, config_class):
         model.config.__class__ = config_class
         model.__class__ = model_class

@@ -79,11 +79,15 @@ class Family:
     deepstack: bool = False  # Qwen3-VL adds vision features from inner vision layers after decoder layers 0..k-1
     video_processor: bool = False  # its stock processor takes a video processor (needs torchvision here)
     processor_defaults: dict[str, Any] = field(default_factory=dict)  # class attributes of the image-only processor
-    pruned_model_type: str | None = None  # model_type of its non-uniformly pruned folders
+
+    @property
+    def pruned_model_type(self) -> str:
+        """``model_type`` of its non-uniformly pruned folders (``compression.models.pruned``)."""
+        return f"{self.model_type}_pruned"
 
     @property
     def model_types(self) -> tuple[str, ...]:
-        return (self.model_type,) + ((self.pruned_model_type,) if self.pruned_model_type else ())
+        return (self.model_type, self.pruned_model_type)
 
     def transformers_class(self, which: Literal["model", "config", "processor"] = "model"):
         import transformers

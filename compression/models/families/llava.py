@@ -21,4 +21,4 @@ FAMILY = Family(
     name="LLaVA", model_type="llava", model_class="LlavaForConditionalGeneration", config_class="LlavaConfig",
     processor_class="LlavaProcessor", image_processor_class="CLIPImageProcessorPil",
     text_types=("llama", "mistral", "qwen2", "phi", "gemma"), vision_types=("clip_vision_model", "siglip_vision_model"),
-    geometry=geometry, pruned_model_type="llava_pruned")
+    geometry=geometry)
