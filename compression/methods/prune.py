@@ -69,6 +69,8 @@ class Plan(BaseModel):
     scorer: str
     layer_range: tuple[int, int] | None = None
     notes: list[str] = Field(default_factory=list)
+    # what serving the result needs (``servability``): plain transformers or custom code, tensor-parallel sizes
+    servable: dict[str, Any] = Field(default_factory=dict)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
@@ -143,10 +145,38 @@ def head_configurations(heads: int, kv_heads: int) -> list[tuple[int, int]]:
                   key=lambda c: (c[0] * c[1], c[0]))
 
 
-def _heads_for(fraction_kept: float, heads: int, kv_heads: int) -> tuple[int, int]:
+def _heads_for(fraction_kept: float, heads: int, kv_heads: int,
+               allowed=lambda config: True) -> tuple[int, int]:
     target = fraction_kept * heads
     # nearest total; on a tie keep more KV groups (finer attention, the KV cache saving is small)
-    return min(head_configurations(heads, kv_heads), key=lambda c: (abs(c[0] * c[1] - target), -c[0]))
+    configs = [c for c in head_configurations(heads, kv_heads) if allowed(c)] or [(kv_heads, heads // kv_heads)]
+    return min(configs, key=lambda c: (abs(c[0] * c[1] - target), -c[0]))
+
+
+TENSOR_PARALLEL = (2, 4, 8)
+
+
+def servability(anatomy: Anatomy, heads: list[int], kv: list[int], inter: list[int]) -> dict[str, Any]:
+    """Whether a model of these per-layer widths loads in plain transformers (no custom code) and which
+    tensor-parallel sizes its attention shards over (query and KV heads, and MLP neurons, divisible by it)."""
+    uniform = len(set(zip(heads, kv, inter))) == 1
+    plain = uniform and anatomy.hidden_size % heads[0] == 0
+    parallel = {str(t): all(h % t == 0 and k % t == 0 and m % t == 0 for h, k, m in zip(heads, kv, inter))
+                for t in TENSOR_PARALLEL}
+    return {"plain_transformers": plain,
+            "needs": "nothing beyond transformers" if plain else
+            "its modeling file (trust_remote_code=True): " + ("widths differ per layer" if not uniform else
+                                                              f"hidden {anatomy.hidden_size} is not a multiple of "
+                                                              f"{heads[0]} heads"),
+            "tensor_parallel": parallel}
+
+
+def _servable_heads(anatomy: Anatomy, heads: int, kv_heads: int):
+    """Head configurations a servable plan may use: the tensor-parallel sizes the model had, kept, and
+    ``hidden_size`` a multiple of the query heads (plain transformers' config check)."""
+    sizes = [t for t in TENSOR_PARALLEL if heads % t == 0 and kv_heads % t == 0]
+    return lambda c: (anatomy.hidden_size % (c[0] * c[1]) == 0
+                      and all((c[0] * c[1]) % t == 0 and c[0] % t == 0 for t in sizes))
 
 
 def _neurons_for(fraction_kept: float, neurons: int) -> int:
@@ -213,7 +243,7 @@ def _budget_ratio(counts: dict[str, int], model: nn.Module, anatomy: Anatomy, ra
 def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, ratio: float | None = None,
               target_mb: float | None = None, scores: pd.DataFrame | dict[str, pd.DataFrame] | None = None,
               layer_range: tuple[int, int] | None = None, target_dtype: str = "fp32",
-              scorer: str | None = None) -> Plan:
+              scorer: str | None = None, servable: bool = False) -> Plan:
     """Turn a budget into a plan.
 
     ``source``: a ``LoadedModel`` (weights or config-only) or ``(model, anatomy)``.
@@ -224,6 +254,9 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
     ``unit_importance``. Without scores, layer plans drop the deepest layers before the last
     (Gromov et al. 2024) and width plans keep the lowest indices (counts are exact either way).
     ``layer_range`` ``(start, stop)``: eligible layers (width default: first 3 and last whole).
+    ``servable``: width plans prune every layer alike (one width: plain transformers loads it, no custom
+    code) and keep the tensor-parallel sizes (2, 4, 8) the model's head, KV-head and neuron counts divide
+    by. Every plan says what serving it needs in ``plan.servable`` (``servability``).
     Raises ``ValueError`` (one line, with the reason) for infeasible budgets.
     """
     model, anatomy = _unpack(source)
@@ -233,9 +266,17 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
     wanted, is_floor = _budget_ratio(counts, model, anatomy, ratio, target_mb, target_dtype)
     costs = layer_costs(model, anatomy)
     if method == "layer":
-        return _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
+        plan = _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
                             layer_range, scorer)
-    return _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range, scorer)
+    else:
+        if servable and layer_range is not None and tuple(layer_range) != (0, anatomy.num_layers):
+            raise ValueError(f"a servable width plan prunes every layer alike; layer range {tuple(layer_range)} leaves "
+                             f"some whole (expected none, or (0, {anatomy.num_layers}))")
+        plan = _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
+                           (0, anatomy.num_layers) if servable else layer_range, scorer, servable)
+    plan.servable = servability(anatomy, plan.widths_after["num_attention_heads"],
+                                plan.widths_after["num_key_value_heads"], plan.widths_after["intermediate_size"])
+    return plan
 
 
 def _choose(achieved: list[float], wanted: float, is_floor: bool) -> int | None:
@@ -293,21 +334,27 @@ def _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_
                 notes=[f"removes {k} of {n} decoder layers; layer_idx renumbered for the KV cache"])
 
 
-def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float, heads_prunable: bool = True):
+def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float, heads_prunable: bool = True,
+                  servable: Anatomy | None = None):
     """Per eligible layer: (head config, neurons kept), and the parameters removed."""
     chosen, cut = {}, 0
     for i in eligible:
         c = costs[i]
-        k, g = (_heads_for(1 - fraction_removed, c.heads, c.kv_heads) if heads_prunable
+        allowed = _servable_heads(servable, c.heads, c.kv_heads) if servable else (lambda config: True)
+        k, g = (_heads_for(1 - fraction_removed, c.heads, c.kv_heads, allowed) if heads_prunable
                 else (c.kv_heads, c.heads // c.kv_heads))
         m = _neurons_for(1 - fraction_removed, c.neurons)
+        if servable:
+            sizes = [t for t in TENSOR_PARALLEL if c.neurons % t == 0]
+            while m > 1 and any(m % t for t in sizes):
+                m -= 1
         chosen[i] = ((k, g), m)
         cut += (c.heads - k * g) * c.per_head + (c.kv_heads - k) * c.per_kv_head + (c.neurons - m) * c.per_neuron
     return chosen, cut
 
 
 def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range,
-                scorer) -> Plan:
+                scorer, servable: bool = False) -> Plan:
     n = anatomy.num_layers
     start, stop = _check_range(layer_range or default_layer_range(n), n, "width")
     eligible = list(range(start, stop))
@@ -316,7 +363,8 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
     if anatomy.fused:
         raise ValueError(f"width pruning of {anatomy.language_model_type} is not supported: its projections "
                          f"{', '.join(anatomy.fused)} are fused; use layerwise pruning")
-    candidates = [_width_counts(costs, eligible, f, anatomy.heads_prunable) for f in fractions]
+    candidates = [_width_counts(costs, eligible, f, anatomy.heads_prunable, anatomy if servable else None)
+                  for f in fractions]
     achieved = [cut / language for _, cut in candidates]
     what = _describe(ratio, target_mb)
     best = max(achieved)

@@ -33,7 +33,6 @@ W4A4 both gave 61.6 % (benchmarks/results/tokens.md), so it is never worse in wh
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from contextlib import contextmanager
@@ -135,10 +134,15 @@ def _image_outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[t
     row by row), and Qwen3-VL's DeepStack features ``[T, D]`` per injection layer (empty elsewhere)."""
     out = model.model.get_image_features(pixel_values=inputs["pixel_values"], **_image_feature_kwargs(model, inputs))
     feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]) if isinstance(feats, (list, tuple)) \
-        else feats.reshape(-1, feats.shape[-1])
-    deepstack = [d.reshape(-1, d.shape[-1]) for d in (getattr(out, "deepstack_features", None) or [])]
-    return flat, deepstack
+    deepstack = [_flat(d) for d in (getattr(out, "deepstack_features", None) or [])]
+    return _flat(feats), deepstack
+
+
+def _flat(features) -> torch.Tensor:
+    """``[T, D]`` from a tensor ``[..., D]`` or a list of per-image tensors."""
+    if isinstance(features, (list, tuple)):
+        return torch.cat([_flat(f) for f in features])
+    return features.reshape(-1, features.shape[-1])
 
 
 def visual_features(model: nn.Module, pixel_values: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
@@ -570,13 +574,31 @@ def prune_visual_tokens(model: nn.Module, inputs: dict[str, torch.Tensor], confi
     return PrunedInputs(embeds, mask, kept_out, position_ids, extras, deepstack)
 
 
-def injected(model: nn.Module, pruned: PrunedInputs):
-    """The context in which ``model`` runs on ``pruned.model_kwargs()``: Qwen3-VL's DeepStack features go back
-    in at the kept visual tokens (a no-op for every other family)."""
-    if pruned.deepstack is None:
-        return contextlib.nullcontext()
-    rows, cols, features = pruned.deepstack
-    return _deepstack_injection(model, _anatomy(model), rows, cols, features, pruned.inputs_embeds.shape[1])
+@contextmanager
+def injected(model: nn.Module, pruned: PrunedInputs) -> Iterator[None]:
+    """The context in which ``model`` runs (or generates) on ``pruned.model_kwargs()``: Qwen3-VL's DeepStack
+    features go back in at the kept visual tokens, and ``generate`` accepts ``inputs_embeds``.
+
+    transformers 5.23's ``generate`` refuses ``inputs_embeds`` when the model's ``prepare_inputs_for_generation``
+    does not name the argument, though Gemma 3's and PaliGemma's pass it on to the base implementation,
+    which handles it; for the call, the instance gets a wrapper that names it."""
+    prepare = model.prepare_inputs_for_generation
+    patched = "inputs_embeds" not in inspect.signature(prepare).parameters
+    if patched:
+        def prepare_inputs_for_generation(input_ids, inputs_embeds=None, **kwargs):
+            return prepare(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+        model.prepare_inputs_for_generation = prepare_inputs_for_generation
+    try:
+        if pruned.deepstack is None:
+            yield
+        else:
+            rows, cols, features = pruned.deepstack
+            with _deepstack_injection(model, _anatomy(model), rows, cols, features, pruned.inputs_embeds.shape[1]):
+                yield
+    finally:
+        if patched:
+            del model.prepare_inputs_for_generation
 
 
 def make_generate_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed: int = 0,
