@@ -164,3 +164,33 @@ def test_family_non_uniform_widths_reload_with_their_modeling_file(name, folder_
     assert reloaded.anatomy.heads_per_layer == student.anatomy.heads_per_layer
     difference, same_answer = export.verify_export(out, out, remote_code=True)
     assert difference <= 1e-4 and same_answer
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "idefics3", "gemma3"])  # merger in the tower; text_model; tied head
+def test_family_int8_quantizes_the_decoder_only_and_round_trips(name, folder_of, tmp_path):
+    import bitsandbytes as bnb
+
+    from compression.methods import quantize
+    from compression.models.prompting import question_inputs
+
+    loaded = models.load(str(folder_of(name)))
+    anatomy = loaded.anatomy
+    inputs = question_inputs(loaded.prompt, _images()[:1], ["what colour is the square?"])
+    with torch.no_grad():
+        base = loaded.model(**inputs).logits
+    quantize.quantize_model(loaded.model, anatomy, "int8")
+    linears = quantize.decoder_linears(loaded.model, anatomy)
+    assert len(linears) == LAYERS * 7 and all(isinstance(m, bnb.nn.Linear8bitLt) for _, _, m in linears.values())
+    kept_fp = [anatomy.vision_tower, *anatomy.projectors, anatomy.lm_head]
+    for path in kept_fp:
+        module = loaded.model.get_submodule(path) if path != "model.image_newline" else None
+        assert module is None or not any(type(m).__module__.startswith("bitsandbytes") for m in module.modules())
+    assert set(loaded.model.config.quantization_config.llm_int8_skip_modules) == set(anatomy.skip_quantization)
+    with torch.no_grad():
+        logits = loaded.model(**inputs).logits
+    assert (logits - base).abs().mean() < 0.05 * base.abs().mean()
+    folder = quantize.save_quantized(loaded.model, loaded.processor, tmp_path / "int8", "int8")
+    again = models.load(str(folder))
+    assert quantize.quantization_format(again.model) == "int8"
+    with torch.no_grad():
+        assert torch.allclose(again.model(**inputs).logits, logits, atol=1e-4)
