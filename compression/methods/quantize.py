@@ -158,7 +158,7 @@ def save_quantized(model: nn.Module, processor, out_dir: str | Path, fmt: QuantF
                                      "embeddings and lm_head in floating point",
                 "loads_on": "CPU (bitsandbytes >= 0.45 CPU backend) or CUDA GPU; transformers reads "
                             "quantization_config from config.json",
-                "how_to_load": "compression.models.load(folder) or LlavaForConditionalGeneration.from_pretrained(folder)"}
+                "how_to_load": "compression.models.load(folder) or AutoModelForImageTextToText.from_pretrained(folder)"}
         (tmp / "quantization.json").write_text(json.dumps(note, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

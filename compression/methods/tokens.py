@@ -16,12 +16,16 @@ Where scores are taken: ``layer=None`` is the projector output (what QAPruner sc
 is the hidden state *entering* decoder layer ``L`` (layer 0 = the input embeddings), and the
 attention score is then read inside that same layer.
 
-Pruning at inference, without editing transformers: image features come from
-``model.model.get_image_features``; the kept image tokens (in their original order) replace the
-``<image>`` placeholders and the dropped placeholders are removed from the sequence and from the
-attention mask; ``model.generate(inputs_embeds=..., attention_mask=...)`` then runs. Left padding stays
-left padding: every row has the same number of image tokens, so every row loses the same number of
-positions and the batch stays rectangular.
+Pruning at inference, without editing transformers, for every family (``compression.models.families``):
+image features come from ``model.model.get_image_features`` with the family's own inputs (``image_sizes``,
+``image_grid_thw``, ``pixel_attention_mask``...); the kept image tokens (in their original order) replace the
+image placeholders (``image_token_index`` of the description) and the dropped placeholders are removed from
+the sequence, the attention mask and what else the language model reads per token: Gemma 3 / PaliGemma
+``token_type_ids`` (their image and prefix masks), Qwen's 3-D M-RoPE ``position_ids`` (computed on the dense
+sequence, then indexed), Qwen3-VL's DeepStack features (added back at the kept tokens after decoder layers
+``0..k-1`` by hooks); ``model.generate(inputs_embeds=..., attention_mask=...)`` then runs. Left padding stays
+left padding. Rows with different visual-token counts (any-res, tiles, native resolution) are scored in
+groups of equal count and left-padded to one length.
 
 **Positions** (``positions=``): ``"original"`` (default) passes each kept token's position id from the
 dense sequence (gaps where tokens were dropped, as FastV keeps them), and generate continues from the

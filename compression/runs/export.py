@@ -144,10 +144,13 @@ def _ship_chat_template(folder: Path) -> bool:
     from compression.models import load_processor
     from compression.models.prompting import chat_template_of, prompt_format
 
+    from compression.models.loader import _read_config
+
     processor = load_processor(folder)
-    if chat_template_of(processor):
+    fmt = prompt_format(processor, _read_config(folder / "config.json"))
+    if chat_template_of(processor) or fmt.prefix_lm:  # a prefix-LM (PaliGemma) is prompted by its processor alone
         return False
-    (folder / "chat_template.jinja").write_text(prompt_format(processor).template)
+    (folder / "chat_template.jinja").write_text(fmt.template)
     return True
 
 
@@ -296,7 +299,7 @@ def model_card(metrics: dict[str, Any], name: str, remote_code: bool, shipped_te
                      f'model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True)\n'
                      f'processor = AutoProcessor.from_pretrained("{name}")')
         why = ("Layers were pruned to different widths, so the folder ships its own modeling code "
-               "(`modeling_llava_pruned.py`): load it with `trust_remote_code=True`.")
+               "(`modeling_llava_pruned.py` or `modeling_vlm_pruned.py`): load it with `trust_remote_code=True`.")
     else:
         load_code = (f'from transformers import AutoModelForImageTextToText, AutoProcessor\n\n'
                      f'model = AutoModelForImageTextToText.from_pretrained("{name}")\n'
