@@ -194,3 +194,30 @@ def test_family_int8_quantizes_the_decoder_only_and_round_trips(name, folder_of,
     assert quantize.quantization_format(again.model) == "int8"
     with torch.no_grad():
         assert torch.allclose(again.model(**inputs).logits, logits, atol=1e-4)
+
+
+def test_hub_style_qwen_processor_files_load_without_torchvision_and_keep_the_video_config(folder_of, tmp_path):
+    """Released Qwen2.5-VL folders keep the image and video processors in their own files, naming the torchvision
+    classes; here the image-only processor reads them, and saving carries the video config through unchanged."""
+    import json
+    import shutil
+
+    from compression.models import load_processor
+    from compression.models.families.processors import save_processor
+
+    source = folder_of("qwen2_5_vl")
+    hub = tmp_path / "hub"
+    shutil.copytree(source, hub)
+    config = json.loads((hub / "processor_config.json").read_text())
+    image = dict(config["image_processor"], image_processor_type="Qwen2VLImageProcessor")
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 14, "merge_size": 2,
+             "temporal_patch_size": 2, "fps": 2.0}
+    (hub / "preprocessor_config.json").write_text(json.dumps(image))
+    (hub / "video_preprocessor_config.json").write_text(json.dumps(video))
+    (hub / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
+    processor = load_processor(hub, family=families.family_for("qwen2_5_vl"))
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor" and processor.chat_template
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    save_processor(processor, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2_5_VLProcessor" and saved["video_processor"] == video
