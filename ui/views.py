@@ -412,10 +412,10 @@ def load_snippet(export_dir) -> str:
 
     folder = Path(export_dir)
     config = json.loads((folder / "config.json").read_text())
-    if config.get("model_type") == "llava_pruned" or config.get("auto_map"):
-        return (f"from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
-                f"model = AutoModelForImageTextToText.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
-                f"processor = AutoProcessor.from_pretrained({str(folder)!r})")
-    return (f"from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
-            f"model = AutoModelForImageTextToText.from_pretrained({str(folder)!r})\n"
+    remote = ", trust_remote_code=True" if config.get("auto_map") else ""  # per-layer widths ship their code
+    return (f"from transformers import AutoModelForImageTextToText, AutoProcessor
+
+"
+            f"model = AutoModelForImageTextToText.from_pretrained({str(folder)!r}{remote})
+"
             f"processor = AutoProcessor.from_pretrained({str(folder)!r})")

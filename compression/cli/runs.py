@@ -67,6 +67,8 @@ def _cmd_run(args) -> int:
         metrics = pipeline.run_recipe(recipe, out, progress=bar, overwrite=args.overwrite)
     finally:
         bar.close()
+    if not metrics:
+        return 0  # under `accelerate launch`, a process other than rank 0: rank 0 reports and writes the run
     o, c = metrics["original"], metrics["compressed"]
     emit(args, {"path": str(out), "metrics": metrics},
          f"run folder {out}\n"
