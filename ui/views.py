@@ -413,9 +413,6 @@ def load_snippet(export_dir) -> str:
     folder = Path(export_dir)
     config = json.loads((folder / "config.json").read_text())
     remote = ", trust_remote_code=True" if config.get("auto_map") else ""  # per-layer widths ship their code
-    return (f"from transformers import AutoModelForImageTextToText, AutoProcessor
-
-"
-            f"model = AutoModelForImageTextToText.from_pretrained({str(folder)!r}{remote})
-"
+    return (f"from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+            f"model = AutoModelForImageTextToText.from_pretrained({str(folder)!r}{remote})\n"
             f"processor = AutoProcessor.from_pretrained({str(folder)!r})")
