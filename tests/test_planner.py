@@ -117,6 +117,12 @@ def test_what_if_for_shipped_configs(llava7b, monkeypatch):
     assert b["visual_tokens"] == 729 and b["params_language"] < 0.75 * 2.78e9
     with pytest.raises(ValueError, match="hardware 'tpu'"):
         what_if(llava7b, None, hardware="tpu")
+    # visual-token pruning: the language model sees 72 + 32 tokens; the vision tower still every patch
+    few = what_if(llava7b, None, hardware="h100", prompt_tokens=32, visual_tokens=72)
+    assert few["prefill_tokens"] == 104 and few["prefill_flops"]["vision"] == base["prefill_flops"]["vision"]
+    assert 5.5 < base["prefill_flops"]["language"] / few["prefill_flops"]["language"] < 6.5  # ~608 / 104
+    with pytest.raises(ValueError, match="visual_tokens 577"):
+        what_if(llava7b, None, visual_tokens=577)
 
 
 def test_cpu_profile_is_measured_once_and_cached(monkeypatch):
