@@ -148,9 +148,11 @@ def _heads_for(fraction_kept: float, heads: int, kv_heads: int) -> tuple[int, in
     return min(head_configurations(heads, kv_heads), key=lambda c: (abs(c[0] * c[1] - target), -c[0]))
 
 
-def _neurons_for(fraction_kept: float, neurons: int) -> int:
-    if neurons % NEURON_MULTIPLE == 0:
-        return max(NEURON_MULTIPLE, int(round(fraction_kept * neurons / NEURON_MULTIPLE)) * NEURON_MULTIPLE)
+def _neurons_for(fraction_kept: float, neurons: int, multiple: int = NEURON_MULTIPLE) -> int:
+    """Neurons kept: the nearest multiple of ``multiple`` (else of 32, else any count) the layer allows."""
+    for m in dict.fromkeys((multiple, NEURON_MULTIPLE)):
+        if neurons % m == 0:
+            return max(m, int(round(fraction_kept * neurons / m)) * m)
     return max(1, int(round(fraction_kept * neurons)))
 
 
@@ -212,7 +214,7 @@ def _budget_ratio(counts: dict[str, int], model: nn.Module, anatomy: Anatomy, ra
 def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, ratio: float | None = None,
               target_mb: float | None = None, scores: pd.DataFrame | dict[str, pd.DataFrame] | None = None,
               layer_range: tuple[int, int] | None = None, target_dtype: str = "fp32",
-              scorer: str | None = None) -> Plan:
+              scorer: str | None = None, neuron_multiple: int = NEURON_MULTIPLE) -> Plan:
     """Turn a budget into a plan.
 
     ``source``: a ``LoadedModel`` (weights or config-only) or ``(model, anatomy)``.
@@ -223,6 +225,8 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
     ``unit_importance``. Without scores, layer plans drop the deepest layers before the last
     (Gromov et al. 2024) and width plans keep the lowest indices (counts are exact either way).
     ``layer_range`` ``(start, stop)``: eligible layers (width default: first 3 and last whole).
+    ``neuron_multiple`` (width): kept MLP neurons per layer are a multiple of it where the layer's
+    width allows (default 32, what bitsandbytes nf4 on CPU needs; 64 / 128 suit GEMM tiles).
     Raises ``ValueError`` (one line, with the reason) for infeasible budgets.
     """
     model, anatomy = _unpack(source)
@@ -234,7 +238,10 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
     if method == "layer":
         return _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
                             layer_range, scorer)
-    return _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range, scorer)
+    if neuron_multiple < 1 or neuron_multiple % NEURON_MULTIPLE:
+        raise ValueError(f"neuron_multiple {neuron_multiple} must be a positive multiple of {NEURON_MULTIPLE}")
+    return _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range, scorer,
+                       neuron_multiple)
 
 
 def _choose(achieved: list[float], wanted: float, is_floor: bool) -> int | None:
@@ -292,26 +299,27 @@ def _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_
                 notes=[f"removes {k} of {n} decoder layers; layer_idx renumbered for the KV cache"])
 
 
-def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float):
+def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float,
+                  neuron_multiple: int = NEURON_MULTIPLE):
     """Per eligible layer: (head config, neurons kept), and the parameters removed."""
     chosen, cut = {}, 0
     for i in eligible:
         c = costs[i]
         k, g = _heads_for(1 - fraction_removed, c.heads, c.kv_heads)
-        m = _neurons_for(1 - fraction_removed, c.neurons)
+        m = _neurons_for(1 - fraction_removed, c.neurons, neuron_multiple)
         chosen[i] = ((k, g), m)
         cut += (c.heads - k * g) * c.per_head + (c.kv_heads - k) * c.per_kv_head + (c.neurons - m) * c.per_neuron
     return chosen, cut
 
 
 def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range,
-                scorer) -> Plan:
+                scorer, neuron_multiple: int = NEURON_MULTIPLE) -> Plan:
     n = anatomy.num_layers
     start, stop = _check_range(layer_range or default_layer_range(n), n, "width")
     eligible = list(range(start, stop))
     language = counts["language"]
     fractions = np.linspace(0, 0.995, 400)
-    candidates = [_width_counts(costs, eligible, f) for f in fractions]
+    candidates = [_width_counts(costs, eligible, f, neuron_multiple) for f in fractions]
     achieved = [cut / language for _, cut in candidates]
     what = _describe(ratio, target_mb)
     best = max(achieved)
@@ -346,7 +354,10 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
         scorer = "/".join(methods) if methods else "none (lowest indices kept)"
     notes = [f"same fraction removed in every layer of [{start}, {stop}); heads kept as whole KV groups "
              "with the same query heads per group (GQA)"]
-    if all(c.neurons % NEURON_MULTIPLE == 0 for c in costs):
+    if all(c.neurons % neuron_multiple == 0 for c in costs):
+        notes.append(f"neuron counts rounded to multiples of {neuron_multiple}"
+                     + (" (bitsandbytes nf4 on CPU needs it)" if neuron_multiple == NEURON_MULTIPLE else ""))
+    elif all(c.neurons % NEURON_MULTIPLE == 0 for c in costs):
         notes.append(f"neuron counts rounded to multiples of {NEURON_MULTIPLE} (bitsandbytes nf4 on CPU needs it)")
     if scores is not None and len(names) < 2:
         notes.append(f"only {', '.join(names) or 'no'} scores given; the rest keep the lowest indices")
