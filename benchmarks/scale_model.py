@@ -80,10 +80,15 @@ class TensorSpec:
         return n * torch.empty((), dtype=dtype).element_size()
 
 
-def config_dict(layers: int, kv_heads: int | None = None, dtype: str = "fp32") -> dict:
-    """LLaVA-1.5-7B's config with ``layers`` decoder layers (and ``kv_heads`` KV heads if given)."""
+def config_dict(layers: int, kv_heads: int | None = None, dtype: str = "fp32", shrink: dict | None = None) -> dict:
+    """LLaVA-1.5-7B's config with ``layers`` decoder layers (and ``kv_heads`` KV heads if given).
+
+    ``shrink`` (tests only): ``{"text_config": {...}, "vision_config": {...}}`` fields to override.
+    """
     raw = json.loads(LLAVA_7B_CONFIG.read_text())
     raw.pop("_source", None)
+    for part, fields in (shrink or {}).items():
+        raw[part].update(fields)
     text = raw["text_config"]
     if layers < 1:
         raise ValueError(f"layers {layers} must be at least 1")
@@ -223,6 +228,8 @@ def build_processor(config: dict):
 
     v = config["vision_config"]
     side = v["image_size"]
+    if config["text_config"]["vocab_size"] != VOCAB:
+        raise ValueError(f"vocab_size {config['text_config']['vocab_size']} must stay {VOCAB} (the tokenizer's)")
     image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                                          image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)
     return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=v["patch_size"],
@@ -231,8 +238,11 @@ def build_processor(config: dict):
 
 
 def write_scale_model(out: str | Path, layers: int, dtype: str = "fp32", kv_heads: int | None = None,
-                      shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write the folder at ``out`` (must not exist or be empty); nothing is visible there until complete."""
+                      shard_bytes: int = SHARD_BYTES, shrink: dict | None = None) -> Path:
+    """Write the folder at ``out`` (must not exist or be empty); nothing is visible there until complete.
+
+    ``shrink``: see ``config_dict`` (tests write a small model with the same structure).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out).expanduser()
@@ -240,7 +250,7 @@ def write_scale_model(out: str | Path, layers: int, dtype: str = "fp32", kv_head
         raise ValueError(f"output folder {out} already exists and is not empty; expected a new folder")
     from safetensors.torch import save_file
 
-    config = config_dict(layers, kv_heads, dtype)
+    config = config_dict(layers, kv_heads, dtype, shrink)
     torch_dtype = DTYPES[dtype]
     specs = tensor_specs(config)
     shards = _shards(specs, torch_dtype, shard_bytes)

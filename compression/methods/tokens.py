@@ -372,7 +372,13 @@ def select_tokens(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def prune_visual_tokens(model: nn.Module, inputs: dict[str, torch.Tensor], config: TokenPruningConfig,
                         generator: torch.Generator | None = None) -> PrunedInputs:
     """``inputs_embeds`` and ``attention_mask`` holding only the kept visual tokens (see the module docstring)."""
-    merged = merge_inputs(model, inputs)
+    return prune_merged(model, merge_inputs(model, inputs), config, generator)
+
+
+@torch.no_grad()
+def prune_merged(model: nn.Module, merged: MergedInputs, config: TokenPruningConfig,
+                 generator: torch.Generator | None = None) -> PrunedInputs:
+    """``prune_visual_tokens`` from an already merged sequence (one vision pass serves several ratios)."""
     batch, num_visual = merged.image_positions.shape
     keep = keep_count(num_visual, config.keep_ratio)
     kept = select_tokens(score_visual_tokens(model, merged, config, generator), keep)
