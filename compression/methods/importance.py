@@ -68,6 +68,7 @@ LAYER_METHODS = ("block_influence", "removal_loss")
 UNIT_METHODS = ("taylor", "activation", "magnitude")
 DEFAULT_SAMPLES = 32
 BATCH_SIZE = 8
+LM_HEAD_MIN_ROWS = 16  # see _taylor_lean
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -397,10 +398,16 @@ def _taylor_lean(model: nn.Module, anatomy: Anatomy, groups: list[CoupledGroup],
     batch = _to(merge_batches(batches, pad), model)
     labels = batch.pop("labels")
     # logits at position t predict token t + 1: keep the positions whose next token is an answer token
-    keep = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
-    targets = labels[:, 1:][keep[:, :-1]]
-    if targets.numel() == 0:
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = shifted != -100
+    if not keep.any():
         raise ValueError("calibration batches hold no answer tokens; Taylor importance needs a loss")
+    # Pad to LM_HEAD_MIN_ROWS rows (ignored by the loss): with 1-7 rows the LM head's backward takes a
+    # matrix-vector kernel that sums the 32k-vocabulary products in sequence, ~10x less precise in fp32
+    # than the blocked GEMM the full-logits path uses, and the scores then drift by up to 1e-4.
+    spare = (~keep).flatten().nonzero().flatten()[:max(0, LM_HEAD_MIN_ROWS - int(keep.sum()))]
+    keep.view(-1)[spare] = True
+    targets = shifted[keep]
     parts: dict[int, list[tuple[torch.Tensor, Callable]]] = {}
     scores = [torch.zeros(g.units, dtype=torch.float64) for g in groups]
     for gi, g in enumerate(groups):
@@ -427,7 +434,7 @@ def _taylor_lean(model: nn.Module, anatomy: Anatomy, groups: list[CoupledGroup],
         layers = anatomy.decoder_layers(model)
         with _recompute_layers(layers) if recompute else contextlib.nullcontext():
             logits = model(**batch, use_cache=False, logits_to_keep=keep).logits  # [answer tokens, vocab]
-            F.cross_entropy(logits.float(), targets, reduction="mean").backward()
+            F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="mean").backward()
     finally:
         for h in handles:
             h.remove()
