@@ -418,7 +418,8 @@ def _taylor_lean(model: nn.Module, anatomy: Anatomy, groups: list[CoupledGroup],
 
     @torch.no_grad()
     def score_and_free(p: torch.Tensor) -> None:
-        elementwise = (p.detach().float() * p.grad.float()).abs()
+        # in place on the gradient (fp32; a float copy of a bf16 one): no weight-sized temporaries beyond it
+        elementwise = p.grad.float().mul_(p.detach()).abs_()
         for total, per_unit in parts[id(p)]:
             total += per_unit(elementwise).cpu()
         arrived.add(id(p))
