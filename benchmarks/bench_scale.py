@@ -61,10 +61,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 RESULTS = REPO / "benchmarks" / "results"
-RATIO = 0.3
 TOKEN_KEEPS = (0.25, 0.125)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHILD_TIMEOUT_S = 3600
+# --tiny: the same code paths on shrunk dimensions, to check the script itself in a minute (not a measurement)
+TINY = {"text_config": {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 4},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -195,7 +197,8 @@ def child_load_bi(payload: dict) -> dict:
     start = time.perf_counter()
     touch_weights(loaded.model)
     out.update(touch_s=time.perf_counter() - start, rss_resident=rss_bytes())
-    batches = importance.calibration_batches(loaded.processor, importance.calibration_samples(payload["samples"]))
+    records = importance.calibration_selection("shapes", payload["samples"]).records
+    batches = importance.calibration_batches(loaded.prompt, records)
     out["calibration_tokens"] = int(sum(int(b["attention_mask"].sum()) for b in batches))
     before = rss_bytes()
     start = time.perf_counter()
@@ -208,9 +211,9 @@ def child_load_bi(payload: dict) -> dict:
 def child_taylor(payload: dict) -> dict:
     loaded, importance, out = _child_load(payload)
     touch_weights(loaded.model)
-    samples = importance.calibration_samples(payload["samples"])
+    records = importance.calibration_selection("shapes", payload["samples"]).records
     # one mini-batch per sample: the old path's smallest activation footprint (the lean one takes all at once)
-    batches = importance.calibration_batches(loaded.processor, samples, batch_size=1)
+    batches = importance.calibration_batches(loaded.prompt, records, batch_size=1)
     groups = [g for k in ("heads", "neurons") for g in importance.coupled_groups(loaded.model, loaded.anatomy, k)]
     out["scored_bytes"] = sum(p.numel() * p.element_size() for p in importance._scored_parameters(groups))
     gc.collect()
@@ -242,17 +245,23 @@ def child_quantize(payload: dict) -> dict:
 def child_reload(payload: dict) -> dict:
     """What a user does with an export: plain transformers, no project import."""
     start = time.perf_counter()
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
     import_s = time.perf_counter() - start
+    # head counts that do not divide hidden_size are saved as "llava_pruned" with its modeling code in the
+    # folder (auto_map), loaded with trust_remote_code, exactly as compression.runs.export checks an export
+    remote = bool(json.loads((Path(payload["model"]) / "config.json").read_text()).get("auto_map"))
     start = time.perf_counter()
-    model = LlavaForConditionalGeneration.from_pretrained(payload["model"])
+    if remote:
+        model = AutoModelForImageTextToText.from_pretrained(payload["model"], trust_remote_code=True)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(payload["model"])
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     touch_weights(model)
     state = model.state_dict()
     matches = all(abs(float(state[k].double().sum()) - v) <= 1e-6 * max(1.0, abs(v)) for k, v in payload["sums"].items())
     return {"import_s": import_s, "load_s": load_s, "touch_s": time.perf_counter() - start,
-            "rss_resident": rss_bytes(), "tensors_match": matches}
+            "rss_resident": rss_bytes(), "tensors_match": matches, "class": type(model).__name__}
 
 
 CHILDREN = {"load_bi": child_load_bi, "taylor": child_taylor, "quantize": child_quantize, "reload": child_reload}
@@ -290,21 +299,21 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
 
     import scale_model
     from compression import models
-    from compression.data import shapes as data
+    from compression.data.sources import open_source, select
     from compression.measure import evaluate
     from compression.methods import importance, prune, quantize, tokens
 
     facts: dict = {"machine_before": machine_state()}
     folder = workdir / f"llava-scale-{n_layers}-{dtype}"
     shutil.rmtree(folder, ignore_errors=True)
-    need = scale_model.expected_bytes(n_layers, dtype)
+    need = scale_model.expected_bytes(n_layers, dtype, shrink=TINY if args.tiny else None)
     free = shutil.disk_usage(workdir).free
     if 2.5 * need > free:  # the model, one pruned copy, one quantized copy
         raise SystemExit(f"error: --workdir {workdir}: {n_layers} layers in {dtype} need ~{2.5 * need / 1e9:.0f} GB "
                          f"free, {free / 1e9:.0f} GB there")
     _log(f"N={n_layers} {dtype}: writing {need / 1e9:.1f} GB to {folder}")
     start = time.perf_counter()
-    scale_model.write_scale_model(folder, n_layers, dtype)
+    scale_model.write_scale_model(folder, n_layers, dtype, shrink=TINY if args.tiny else None)
     add = lambda *a, **k: rows.add(n_layers, dtype, *a, **k)  # noqa: E731
     add("generate_s", time.perf_counter() - start, "s")
     add("weights_on_disk", folder_bytes(folder), "B")
@@ -362,9 +371,9 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
         loaded = models.load(str(folder), dtype=DTYPES[dtype])
         touch_weights(loaded.model)
         model, anatomy, processor = loaded.model, loaded.anatomy, loaded.processor
-        plans = {"layer": prune.make_plan(loaded, "layer", ratio=RATIO, scores=bi_frame),
-                 "width": prune.make_plan(loaded, "width", ratio=RATIO, scores=scores, layer_range=(0, n_layers))}
-        rounded = prune.make_plan(loaded, "width", ratio=RATIO, scores=scores, layer_range=(0, n_layers),
+        plans = {"layer": prune.make_plan(loaded, "layer", ratio=args.ratio, scores=bi_frame),
+                 "width": prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers))}
+        rounded = prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers),
                                   neuron_multiple=128)
         if rounded.widths_after != plans["width"].widths_after:
             plans["width-128"] = rounded
@@ -383,8 +392,8 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
                                                                      p.widths_after.items()},
                               "layers_removed": p.layers_removed} for k, p in plans.items()}
 
-        sample = data.generate("test", 0)
-        enc = evaluate.encode(processor, [sample.image], [sample.question])
+        record = select(open_source({"path": "shapes", "split": "test"}), samples=1).records[0]
+        enc = evaluate.latency_inputs(loaded, record)  # the model's chat template, as every latency figure
         with torch.no_grad():
             merged = tokens.merge_inputs(model, enc)
         seq = int(merged.attention_mask.shape[1])
@@ -411,8 +420,8 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
             ideal[name] = prune.what_if(loaded, None, hardware="cpu", prompt_tokens=prompt_tokens, visual_tokens=visual)
 
         _log(f"prefill, language model alone: {len(entries)} entries x {args.repeats} rounds (+{args.warmup} warm-up)")
-        lm = evaluate.latency(entries, processor, repeats=args.repeats, warmup=args.warmup, decode_tokens=0,
-                              inputs=inputs, statistic="min", rotate=True)
+        lm = evaluate.latency(entries, None, repeats=args.repeats, warmup=args.warmup, decode_tokens=0,
+                              inputs_by_name=inputs, statistic="min", rotate=True)
         base_ms = lm["original"]["prefill_ms"]
         for name, r in lm.items():
             flops_ratio = ideal_before["prefill_flops"]["language"] / ideal[name]["prefill_flops"]["language"] \
@@ -432,8 +441,8 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
         short = {"inputs_embeds": merged.inputs_embeds[:, :args.decode_context],
                  "attention_mask": merged.attention_mask[:, :args.decode_context]}
         decode_entries = {"original": model, **pruned}
-        dec = evaluate.latency(decode_entries, processor, repeats=args.repeats, warmup=args.warmup,
-                               decode_tokens=args.decode_tokens, inputs={n: short for n in decode_entries},
+        dec = evaluate.latency(decode_entries, None, repeats=args.repeats, warmup=args.warmup,
+                               decode_tokens=args.decode_tokens, inputs_by_name={n: short for n in decode_entries},
                                statistic="min", rotate=True)
         read = {name: weight_bytes_per_decode_step(m, anatomy) for name, m in decode_entries.items()}
         for name, r in dec.items():
@@ -448,7 +457,7 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
         if n_layers in args.e2e_layers:
             e2e_entries = {"original": model, "layer": pruned["layer"], "width": pruned["width"]}
             _log(f"prefill, end to end: {len(e2e_entries)} entries x {args.repeats} rounds")
-            e2e = evaluate.latency(e2e_entries, processor, sample=sample, repeats=args.repeats, warmup=args.warmup,
+            e2e = evaluate.latency(e2e_entries, enc, repeats=args.repeats, warmup=args.warmup,
                                    decode_tokens=0, statistic="min", rotate=True)
             for name, r in e2e.items():
                 add("prefill_e2e_ms", r["prefill_ms"], "ms", name,
@@ -482,7 +491,8 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
             add("reload_s", None, "s", "width", note=reload["error"][:200])
         else:
             add("reload_s", reload["load_s"], "s", "width",
-                note=f"plain from_pretrained, fresh process; tensors match: {reload['tensors_match']}; "
+                note=f"from_pretrained ({reload['class']}), fresh process, no project import; tensors match: "
+                     f"{reload['tensors_match']}; "
                      f"+{reload['touch_s']:.1f} s to bring pages in")
         shutil.rmtree(out, ignore_errors=True)
 
@@ -559,6 +569,10 @@ def summarize(rows: Rows, facts: dict, args: dict, command: str, wall_s: float) 
              f"{facts.get('sequence_tokens', '?')} tokens ({facts.get('prompt_tokens', '?')} text). Pruning: 30 % of "
              "language-model parameters (embeddings and LM head included), layer = lowest block influence, "
              "width = lean-Taylor heads and neurons over every layer.", ""]
+    lines[-2] = lines[-2].replace("Pruning: 30 %", f"Pruning: {args.get('ratio', 0.3):.0%}")
+    failures = [r for r in rows.rows if r["item"] == "failed"]
+    if failures:
+        lines += ["**Failed:** " + "; ".join(f"N = {r['layers']} {r['dtype']}: {r['note']}" for r in failures), ""]
     for d in dtypes:
         lines += [f"## {d}", "", "| | " + " | ".join(f"N = {n}" for n in layers) + " |",
                   "| --- |" + " --- |" * len(layers)]
@@ -748,6 +762,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default=None,
                         help="comma-separated from fp32,bf16 (default fp32, plus bf16 where the CPU has native bf16)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, no warm-up, 2 decode tokens: a smoke run")
+    parser.add_argument("--ratio", type=float, default=0.3, help="fraction of language-model parameters pruned")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per latency (minimum reported)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed rounds first (default 0: the minimum already drops a cold first round)")
@@ -757,6 +772,7 @@ def main() -> None:
     parser.add_argument("--e2e-layers", default="2", help="N for which end-to-end prefill is timed too")
     parser.add_argument("--workdir", default="/tmp/bench-scale")
     parser.add_argument("--tag", default="", help="suffix for the result files (scale<tag>.csv/md)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--summarize-only", action="store_true",
                         help="rewrite scale<tag>.md from scale<tag>.csv and scale<tag>.json, measuring nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -776,6 +792,8 @@ def main() -> None:
     dtypes = args.dtypes.split(",") if args.dtypes else ["fp32"] + (["bf16"] if native_bf16() else [])
     if any(d not in DTYPES for d in dtypes):
         raise SystemExit(f"error: --dtypes {args.dtypes!r}: expected fp32 and/or bf16")
+    if args.tiny:
+        args.ratio = 0.01  # a shrunk layer is ~1 % of the (full-size-vocabulary) language model
     if args.quick:
         args.repeats, args.warmup, args.decode_tokens = 2, 0, 2
     command = "HF_HUB_OFFLINE=1 .venv/bin/python -u benchmarks/bench_scale.py " + " ".join(sys.argv[1:])

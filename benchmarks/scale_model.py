@@ -286,9 +286,9 @@ def write_scale_model(out: str | Path, layers: int, dtype: str = "fp32", kv_head
     return out
 
 
-def expected_bytes(layers: int, dtype: str = "fp32", kv_heads: int | None = None) -> int:
+def expected_bytes(layers: int, dtype: str = "fp32", kv_heads: int | None = None, shrink: dict | None = None) -> int:
     """Bytes the safetensors shards will hold (from the shapes, before writing anything)."""
-    return sum(s.nbytes(DTYPES[dtype]) for s in tensor_specs(config_dict(layers, kv_heads, dtype)))
+    return sum(s.nbytes(DTYPES[dtype]) for s in tensor_specs(config_dict(layers, kv_heads, dtype, shrink)))
 
 
 def main(argv: list[str] | None = None) -> int:
