@@ -405,7 +405,7 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
         token_lengths = {}
         for keep in TOKEN_KEEPS:
             cfg = tokens.TokenPruningConfig(keep_ratio=keep, scorer="hybrid", semantic="similarity")
-            kept = tokens.prune_merged(model, merged, cfg)
+            kept = tokens.prune_visual_tokens(model, enc, cfg)
             name = f"tokens-{keep:g}"
             entries[name] = model
             inputs[name] = kept.model_kwargs()

@@ -161,3 +161,29 @@ def test_cli_plan_on_a_config_only_model(capsys):
     assert cli.main(["plan", "--model", "config:llava-1.5-7b", "--method", "layer", "--ratio", "0.99"]) == 2
     assert "would remove all 32 layers" in capsys.readouterr().err
     assert cli.main(["plan", "--model", "config:nope", "--method", "layer", "--ratio", "0.3"]) == 2
+
+
+def test_every_plan_says_what_serving_it_needs(llava7b):
+    default = make_plan(llava7b, "width", ratio=0.3)  # first 3 and the last layer whole: widths differ
+    assert default.servable["plain_transformers"] is False and "trust_remote_code" in default.servable["needs"]
+    layers = make_plan(llava7b, "layer", ratio=0.3)
+    assert layers.servable["plain_transformers"] is True
+    assert layers.servable["tensor_parallel"] == {"2": True, "4": True, "8": True}  # 32 heads, 32 KV heads, 11008
+
+
+@pytest.mark.parametrize("name, heads_kv_neurons", [("llava-1.5-7b", (32, 32, 11008)), ("gemma-3-4b", (8, 4, 10240)),
+                                                    ("qwen2.5-vl-3b", (16, 2, 11008))])
+def test_servable_width_plans_are_uniform_and_keep_tensor_parallel_sizes(name, heads_kv_neurons):
+    loaded = models.load(f"config:{name}")
+    before = dict.fromkeys(("2", "4", "8"), False)
+    for t in before:
+        before[t] = all(n % int(t) == 0 for n in heads_kv_neurons)
+    plan = make_plan(loaded, "width", ratio=0.3, servable=True)
+    widths = plan.widths_after
+    assert len(set(zip(*widths.values()))) == 1  # every layer alike
+    assert plan.servable["plain_transformers"] is True and plan.servable["tensor_parallel"] == before
+    assert plan.ratio_achieved == pytest.approx(0.3, abs=0.05)
+    heads = widths["num_attention_heads"][0]
+    assert loaded.anatomy.hidden_size % heads == 0 and heads % widths["num_key_value_heads"][0] == 0
+    with pytest.raises(ValueError, match="servable width plan prunes every layer alike"):
+        make_plan(loaded, "width", ratio=0.3, servable=True, layer_range=(3, 10))

@@ -149,14 +149,13 @@ def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware
     mlp_mats = 3 if anatomy.gate_proj else 2
     linear = [hidden * (hd * (2 * h + 2 * k) + mlp_mats * m) for h, k, m in zip(heads, kv, inter)]
 
-    vision = model.config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2 + int(anatomy.vision_model_type == "clip_vision_model")
+    patches = anatomy.vision_patches  # for one image_size image (one tile where the count varies)
     visual = anatomy.visual_tokens
     if visual_tokens is not None and not 0 <= visual_tokens <= visual:
         raise ValueError(f"visual_tokens {visual_tokens} must be between 0 and the model's {visual}")
     kept = visual if visual_tokens is None else visual_tokens
     tokens = kept + prompt_tokens
-    flops_vision = 2 * patches * counts["vision"] + 4 * patches ** 2 * vision.hidden_size * vision.num_hidden_layers
+    flops_vision = 2 * patches * counts["vision"] + 4 * patches ** 2 * anatomy.vision_hidden_size * anatomy.vision_layers
     flops_projector = 2 * visual * counts["projector"]
     flops_language = sum(2 * tokens * w + 4 * tokens ** 2 * h * hd for w, h in zip(linear, heads))
     flops_language += 2 * hidden * anatomy.vocab_size  # LM head, last token only
@@ -168,7 +167,7 @@ def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware
     moved = weight_bytes + tokens * kv_per_token[profile.dtype]
     compute_s = flops / (profile.peak_flops * profile.flops_efficiency)
     memory_s = moved / (profile.bandwidth * profile.bandwidth_efficiency)
-    layers = len(heads) + vision.num_hidden_layers
+    layers = len(heads) + anatomy.vision_layers
     prefill_s = max(compute_s, memory_s) + layers * profile.overhead_per_layer_s
     # decode is memory-bound at batch 1: the language model's weights are read once per token
     decode_s = (language * dtype_bytes) / (profile.bandwidth * profile.bandwidth_efficiency) \
@@ -179,7 +178,8 @@ def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware
         "params_total": total, "params_language": language, "params_vision": counts["vision"],
         "params_projector": counts["projector"],
         "bytes": bytes_by_dtype(total, sum(linear)),
-        "visual_tokens": kept, "prompt_tokens": prompt_tokens, "prefill_tokens": tokens,
+        "visual_tokens": kept, "visual_tokens_fixed": anatomy.visual_tokens_fixed,
+        "visual_tokens_note": anatomy.visual_tokens_note, "prompt_tokens": prompt_tokens, "prefill_tokens": tokens,
         "prefill_flops": {"vision": flops_vision, "projector": flops_projector, "language": flops_language,
                           "total": flops},
         "kv_cache_bytes_per_token": kv_per_token,
