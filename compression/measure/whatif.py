@@ -124,11 +124,13 @@ def _unpack(source) -> tuple[nn.Module, Anatomy]:
 
 
 def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware: str = "cpu",
-            prompt_tokens: int = 32) -> dict[str, Any]:
+            prompt_tokens: int = 32, visual_tokens: int | None = None) -> dict[str, Any]:
     """Estimates for the model as it is, or after ``plan`` (a ``compression.methods.prune.Plan``), on ``hardware``.
 
     Needs only shapes: works on config-only models (``models.load("config:llava-1.5-7b")``).
     ``prompt_tokens``: text tokens of the prompt besides the image's visual tokens.
+    ``visual_tokens``: visual tokens the language model sees (visual-token pruning keeps fewer);
+    default all of them. The vision tower and projector still process every patch.
     """
     if prompt_tokens < 0:
         raise ValueError(f"prompt_tokens {prompt_tokens} must be 0 or more")
@@ -149,7 +151,10 @@ def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware
 
     patches = anatomy.vision_patches  # for one image_size image (one tile where the count varies)
     visual = anatomy.visual_tokens
-    tokens = visual + prompt_tokens
+    if visual_tokens is not None and not 0 <= visual_tokens <= visual:
+        raise ValueError(f"visual_tokens {visual_tokens} must be between 0 and the model's {visual}")
+    kept = visual if visual_tokens is None else visual_tokens
+    tokens = kept + prompt_tokens
     flops_vision = 2 * patches * counts["vision"] + 4 * patches ** 2 * anatomy.vision_hidden_size * anatomy.vision_layers
     flops_projector = 2 * visual * counts["projector"]
     flops_language = sum(2 * tokens * w + 4 * tokens ** 2 * h * hd for w, h in zip(linear, heads))
@@ -173,7 +178,7 @@ def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware
         "params_total": total, "params_language": language, "params_vision": counts["vision"],
         "params_projector": counts["projector"],
         "bytes": bytes_by_dtype(total, sum(linear)),
-        "visual_tokens": visual, "visual_tokens_fixed": anatomy.visual_tokens_fixed,
+        "visual_tokens": kept, "visual_tokens_fixed": anatomy.visual_tokens_fixed,
         "visual_tokens_note": anatomy.visual_tokens_note, "prompt_tokens": prompt_tokens, "prefill_tokens": tokens,
         "prefill_flops": {"vision": flops_vision, "projector": flops_projector, "language": flops_language,
                           "total": flops},

@@ -179,9 +179,11 @@ def _servable_heads(anatomy: Anatomy, heads: int, kv_heads: int):
                       and all((c[0] * c[1]) % t == 0 and c[0] % t == 0 for t in sizes))
 
 
-def _neurons_for(fraction_kept: float, neurons: int) -> int:
-    if neurons % NEURON_MULTIPLE == 0:
-        return max(NEURON_MULTIPLE, int(round(fraction_kept * neurons / NEURON_MULTIPLE)) * NEURON_MULTIPLE)
+def _neurons_for(fraction_kept: float, neurons: int, multiple: int = NEURON_MULTIPLE) -> int:
+    """Neurons kept: the nearest multiple of ``multiple`` (else of 32, else any count) the layer allows."""
+    for m in dict.fromkeys((multiple, NEURON_MULTIPLE)):
+        if neurons % m == 0:
+            return max(m, int(round(fraction_kept * neurons / m)) * m)
     return max(1, int(round(fraction_kept * neurons)))
 
 
@@ -243,7 +245,8 @@ def _budget_ratio(counts: dict[str, int], model: nn.Module, anatomy: Anatomy, ra
 def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, ratio: float | None = None,
               target_mb: float | None = None, scores: pd.DataFrame | dict[str, pd.DataFrame] | None = None,
               layer_range: tuple[int, int] | None = None, target_dtype: str = "fp32",
-              scorer: str | None = None, servable: bool = False) -> Plan:
+              scorer: str | None = None, servable: bool = False,
+              neuron_multiple: int = NEURON_MULTIPLE) -> Plan:
     """Turn a budget into a plan.
 
     ``source``: a ``LoadedModel`` (weights or config-only) or ``(model, anatomy)``.
@@ -254,6 +257,8 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
     ``unit_importance``. Without scores, layer plans drop the deepest layers before the last
     (Gromov et al. 2024) and width plans keep the lowest indices (counts are exact either way).
     ``layer_range`` ``(start, stop)``: eligible layers (width default: first 3 and last whole).
+    ``neuron_multiple`` (width): kept MLP neurons per layer are a multiple of it where the layer's
+    width allows (default 32, what bitsandbytes nf4 on CPU needs; 64 / 128 suit GEMM tiles).
     ``servable``: width plans prune every layer alike (one width: plain transformers loads it, no custom
     code) and keep the tensor-parallel sizes (2, 4, 8) the model's head, KV-head and neuron counts divide
     by. Every plan says what serving it needs in ``plan.servable`` (``servability``).
@@ -269,11 +274,13 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
         plan = _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
                             layer_range, scorer)
     else:
+        if neuron_multiple < 1 or neuron_multiple % NEURON_MULTIPLE:
+            raise ValueError(f"neuron_multiple {neuron_multiple} must be a positive multiple of {NEURON_MULTIPLE}")
         if servable and layer_range is not None and tuple(layer_range) != (0, anatomy.num_layers):
             raise ValueError(f"a servable width plan prunes every layer alike; layer range {tuple(layer_range)} leaves "
                              f"some whole (expected none, or (0, {anatomy.num_layers}))")
         plan = _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
-                           (0, anatomy.num_layers) if servable else layer_range, scorer, servable)
+                           (0, anatomy.num_layers) if servable else layer_range, scorer, servable, neuron_multiple)
     plan.servable = servability(anatomy, plan.widths_after["num_attention_heads"],
                                 plan.widths_after["num_key_value_heads"], plan.widths_after["intermediate_size"])
     return plan
@@ -335,7 +342,7 @@ def _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_
 
 
 def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float, heads_prunable: bool = True,
-                  servable: Anatomy | None = None):
+                  servable: Anatomy | None = None, neuron_multiple: int = NEURON_MULTIPLE):
     """Per eligible layer: (head config, neurons kept), and the parameters removed."""
     chosen, cut = {}, 0
     for i in eligible:
@@ -343,7 +350,7 @@ def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed:
         allowed = _servable_heads(servable, c.heads, c.kv_heads) if servable else (lambda config: True)
         k, g = (_heads_for(1 - fraction_removed, c.heads, c.kv_heads, allowed) if heads_prunable
                 else (c.kv_heads, c.heads // c.kv_heads))
-        m = _neurons_for(1 - fraction_removed, c.neurons)
+        m = _neurons_for(1 - fraction_removed, c.neurons, neuron_multiple)
         if servable:
             sizes = [t for t in TENSOR_PARALLEL if c.neurons % t == 0]
             while m > 1 and any(m % t for t in sizes):
@@ -354,7 +361,7 @@ def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed:
 
 
 def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range,
-                scorer, servable: bool = False) -> Plan:
+                scorer, servable: bool = False, neuron_multiple: int = NEURON_MULTIPLE) -> Plan:
     n = anatomy.num_layers
     start, stop = _check_range(layer_range or default_layer_range(n), n, "width")
     eligible = list(range(start, stop))
@@ -363,7 +370,8 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
     if anatomy.fused:
         raise ValueError(f"width pruning of {anatomy.language_model_type} is not supported: its projections "
                          f"{', '.join(anatomy.fused)} are fused; use layerwise pruning")
-    candidates = [_width_counts(costs, eligible, f, anatomy.heads_prunable, anatomy if servable else None)
+    candidates = [_width_counts(costs, eligible, f, anatomy.heads_prunable, anatomy if servable else None,
+                                neuron_multiple)
                   for f in fractions]
     achieved = [cut / language for _, cut in candidates]
     what = _describe(ratio, target_mb)
@@ -402,7 +410,10 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
     if not anatomy.heads_prunable:
         notes.append(f"attention heads kept: the {anatomy.language_model_type} attention derives head_dim from "
                      "hidden_size / num_attention_heads, so fewer heads would not load; MLP neurons only")
-    if all(c.neurons % NEURON_MULTIPLE == 0 for c in costs):
+    if all(c.neurons % neuron_multiple == 0 for c in costs):
+        notes.append(f"neuron counts rounded to multiples of {neuron_multiple}"
+                     + (" (bitsandbytes nf4 on CPU needs it)" if neuron_multiple == NEURON_MULTIPLE else ""))
+    elif all(c.neurons % NEURON_MULTIPLE == 0 for c in costs):
         notes.append(f"neuron counts rounded to multiples of {NEURON_MULTIPLE} (bitsandbytes nf4 on CPU needs it)")
     if scores is not None and len(names) < 2:
         notes.append(f"only {', '.join(names) or 'no'} scores given; the rest keep the lowest indices")
