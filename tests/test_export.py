@@ -57,6 +57,16 @@ def test_export_reloads_in_a_fresh_process_and_carries_everything(runs, tmp_path
             "recipe.yaml", "metrics.json", "README.md"} <= files
     assert not [f for f in files if f.endswith(export.PICKLE_SUFFIXES)]
     assert ("modeling_llava_pruned.py" in files) == remote_code
+    # prompted with the LLaVA-1.5 fallback (no chat template of its own): the export ships it, so any tool
+    # built on transformers prompts it exactly as it was measured
+    assert "chat_template.jinja" in files
+    from transformers import AutoProcessor
+
+    from compression.data.records import single_turn
+
+    rendered = AutoProcessor.from_pretrained(out).apply_chat_template(single_turn("how many shapes are there ?"),
+                                                                      add_generation_prompt=True, tokenize=False)
+    assert rendered == "USER: <image>\nhow many shapes are there ? ASSISTANT:"
     card = (out / "README.md").read_text()
     assert "| accuracy |" in card and "| parameters |" in card
     assert "Accuracy (exact match) on 4 records of ShapesVQA (test)" in card and "no chat template" in card

@@ -195,3 +195,21 @@ def test_bad_requests_are_one_line_errors():
         jobs.get("../etc")
     with pytest.raises(ValueError, match="recovery.mode"):
         jobs.submit({"recovery": {"mode": "everything"}})
+
+
+def test_a_failed_job_says_why_in_one_line(tiny_folder, tmp_path):
+    data = tmp_path / "test.json"
+    from tests.tiny import write_llava_dataset
+
+    write_llava_dataset(tmp_path, n=3, multi_turn=False, name="test.json")
+    records = json.loads(data.read_text())
+    records[1]["image"] = "images/gone.png"  # a bad record: found when the job reads its data
+    data.write_text(json.dumps(records))
+    recipe = Recipe.from_dict({"name": "bad-data", "model": str(tiny_folder),
+                               "data": {"eval": {"source": str(data), "samples": 3}}})
+    job_id = jobs.submit(recipe)
+    done = jobs.wait(job_id, timeout=300)
+    assert done["state"] == "failed"
+    assert done["error"] == ("record 1 of test.json: image images/gone.png not found under "
+                             f"{tmp_path} (set image_root to the images' folder)")
+    assert "Traceback" in jobs.log_tail(job_id, 50)  # the traceback stays in the log

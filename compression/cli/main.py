@@ -105,10 +105,11 @@ def _register_core(sub) -> None:
 
 
 def _registrars() -> list[Callable]:
+    from compression.cli import convert as cli_convert
     from compression.cli import runs as cli_jobs
     from compression.cli import prune as cli_prune
 
-    return [_register_core, cli_prune.register, cli_jobs.register]
+    return [_register_core, cli_prune.register, cli_jobs.register, cli_convert.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from compression.cli.common import UsageError, emit
+from compression.cli.common import UsageError, add_data_arguments, data_source, emit
 
 
 def _recipe(path: str):
@@ -67,6 +67,8 @@ def _cmd_run(args) -> int:
         metrics = pipeline.run_recipe(recipe, out, progress=bar, overwrite=args.overwrite)
     finally:
         bar.close()
+    if not metrics:
+        return 0  # under `accelerate launch`, a process other than rank 0: rank 0 reports and writes the run
     o, c = metrics["original"], metrics["compressed"]
     emit(args, {"path": str(out), "metrics": metrics},
          f"run folder {out}\n"
@@ -133,6 +135,28 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_lmms_task(args) -> int:
+    import re
+
+    from compression.data.sources import open_source, select
+    from compression.runs.lmms_task import write_task
+
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", args.name):
+        raise UsageError(f"--name {args.name!r}: expected a task name of letters, digits and '_'")
+    if args.samples < 1:
+        raise UsageError(f"--samples {args.samples} must be at least 1")
+    if not args.data:
+        raise UsageError("lmms-task needs --data: 'shapes', a LLaVA-format .json/.jsonl file or a datasets folder")
+    selection = select(open_source(data_source(args), "eval"), samples=args.samples, need_images=True,
+                       on_error="skip" if args.skip_bad else "refuse")
+    out = write_task(selection, args.out, args.name, args.metric, args.max_new_tokens)
+    emit(args, {"path": str(out), "task": args.name, "records": len(selection)},
+         f"wrote lmms-eval task {args.name!r} ({selection.describe()}) to {out}\n"
+         f"run: lmms-eval --model llava_hf --model_args pretrained=<export folder> --tasks {args.name} "
+         f"--include_path {out} --batch_size 1")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("run", help="run a recipe headless (prune, recover, evaluate) and write a run folder")
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
@@ -160,3 +184,13 @@ def register(sub) -> None:
     p.add_argument("--no-zip", action="store_true", help="do not write NAME.zip beside the folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("lmms-task", help="a local lmms-eval task from your data, scored by the studio's own code")
+    add_data_arguments(p, "records of the task")
+    p.add_argument("--samples", type=int, default=500, help="the first N records with an image")
+    p.add_argument("--metric", default="auto", choices=["auto", "exact_match", "multiple_choice", "yes_no"])
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--name", default="studio_task", help="lmms-eval task name")
+    p.add_argument("--out", required=True, help="task folder to create")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_lmms_task)

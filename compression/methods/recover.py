@@ -15,7 +15,9 @@ MLLMs" (arXiv 2507.20749; code ``YiranHuangIrene/VLMCompression``):
   ``loss = (1 - alpha) * CE + alpha * KD``.
 
 Written on HF Accelerate, so one loop runs on CPU, on one GPU, or under ``accelerate launch``
-across GPUs and nodes (DDP; FSDP with ``configs/accelerate_fsdp.yaml`` for ``mode="full"``).
+across GPUs and nodes (DDP; FSDP2 with ``configs/accelerate_fsdp.yaml`` for ``mode="full"``) and
+across CPU processes over gloo (DDP, or FSDP2 with ``configs/accelerate_fsdp_cpu.yaml``): the launch
+config chooses, ``compression.methods.distributed`` builds the matching ``Accelerator``.
 ``batch_size`` is the *global* batch: each process takes its share of every batch, so the
 optimisation is the same whatever the number of processes. The sample order is a seeded
 permutation per epoch, which makes resuming from a checkpoint (every ``checkpoint_every``
@@ -23,7 +25,6 @@ steps: model, optimizer, scheduler, step) land on exactly the batch where traini
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.data.records import Record
+from compression.methods import distributed
 from compression.models import Anatomy
 from compression.models.prompting import PromptFormat, supervised_tokens, training_inputs
 
@@ -198,9 +200,11 @@ def prepare_trainable(model: nn.Module, anatomy: Anatomy, mode: Mode, lora_r: in
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                             target_modules=lora_target_pattern(anatomy), bias="none")
         model = get_peft_model(model, config)
-        model.base_model.model.get_submodule(anatomy.projector).requires_grad_(True)
+        for p in anatomy.projector_parameters(model.base_model.model):
+            p.requires_grad_(True)
         return model
-    model.get_submodule(anatomy.projector).requires_grad_(True)
+    for p in anatomy.projector_parameters(model):  # the family's projector / merger (Qwen: inside the vision tower)
+        p.requires_grad_(True)
     if mode == "full":
         model.get_submodule(anatomy.language_model).requires_grad_(True)
         model.get_submodule(anatomy.lm_head).requires_grad_(True)
@@ -240,20 +244,23 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
 
     ``teacher`` is required for distillation. ``progress(step, total, loss)`` is called on the
     main process after every optimizer step. If ``config.checkpoint_dir`` holds a checkpoint,
-    training resumes from it.
+    training resumes from it. ``accelerator``: by default the one the ``accelerate launch`` config
+    asks for (``distributed.launched_accelerator``). Every process returns the full trained model.
     """
-    from accelerate import Accelerator
-
     log = log or (lambda msg: None)
     if config.mode == "none":
         return RecoveryResult(finish_model(student), 0, 0, 0.0)
     if config.distillation != "none" and teacher is None:
         raise ValueError(f"distillation {config.distillation!r} needs the teacher (the original model)")
-    accelerator = accelerator or Accelerator()
+    accelerator = (distributed.enable_cpu_fsdp(accelerator) if accelerator is not None
+                   else distributed.launched_accelerator())
+    distributed.check_accelerator(accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size < world:
         raise ValueError(f"batch_size {config.batch_size} is smaller than the {world} processes; "
                          f"expected at least one sample per process")
+    log(f"recovery on {world} process(es): {accelerator.distributed_type.value}, backend "
+        f"{accelerator.state.backend or 'none'}, device {accelerator.device}")
     torch.manual_seed(config.seed)
     schedule = batch_schedule(len(samples), config.batch_size, config.epochs, config.seed, config.max_steps)
     total = len(schedule)
@@ -264,10 +271,16 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(max(1, round(config.warmup_ratio * total)), total))
-    fsdp = str(accelerator.distributed_type) in ("FSDP", "DistributedType.FSDP")
+    fsdp = distributed.is_fsdp(accelerator)
+    if fsdp:
+        distributed.restrict_wrap_to_present_classes(accelerator.state.fsdp_plugin, model)
     # FSDP leaves only shards in the module; a weightless (meta) copy receives the gathered weights.
-    template = copy.deepcopy(model).to("meta") if fsdp else None
+    template = distributed.FullModelTemplate(model) if fsdp else None
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Each process takes its share of one global batch (accelerate's split_batches case): one
+    # schedule step per optimizer step. The default steps it once per process, so under N processes
+    # the learning rate ran through warm-up and cosine N times too fast.
+    scheduler.split_batches = True
     if teacher is not None and config.distillation != "none":
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     use_logits = config.distillation in ("logits", "hidden+logits")
@@ -306,7 +319,9 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
         optimizer.zero_grad()
         accelerator.backward(loss)
         if config.max_grad_norm:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            # The prepared model's parameters: FSDP replaced the ones in `params` (they get no
+            # gradients), and FSDP1 clips with its own sharded norm only for exactly this list.
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
@@ -319,12 +334,7 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
     seconds = time.time() - started
     accelerator.wait_for_everyone()
     if fsdp:
-        # FULL_STATE_DICT (configs/accelerate_fsdp.yaml): the whole state on rank 0, empty elsewhere.
-        # Not exercised by the tests (FSDP needs GPUs, this project's machines have none).
-        state = accelerator.get_state_dict(model)
-        model = template
-        if accelerator.is_main_process:
-            model.load_state_dict(state, assign=True)
+        model = distributed.gather_full_model(accelerator, model, template)
     else:
         model = accelerator.unwrap_model(model)
     supervised = int(accelerator.reduce(torch.tensor(supervised, device=accelerator.device), reduction="sum").item())

@@ -1,4 +1,5 @@
-"""Models: one loader for every source, the model's anatomy, the reference model, pruned-model classes.
+"""Models: one loader for every source, the model's anatomy from its family description (``families``: one
+module per VLM family), the reference model, pruned-model classes.
 
 ``load`` and its companions are re-exported here (``from compression.models import load``);
 the loader itself is ``compression.models.loader``, the pickable models ``compression.models.catalog``.
