@@ -5,10 +5,14 @@ numbers are *measured* (a model ran on this machine) or *estimated* (arithmetic 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PART_COLORS = {"vision tower": "#4C78A8", "projector": "#F58518", "language model": "#54A24B"}
 

@@ -28,12 +28,11 @@ from torch import nn
 
 from compression.models import families
 from compression.models.anatomy import Anatomy, ModelLoadError  # noqa: F401 - re-exported
+from compression.models.catalog import CONFIGS_PATH, REFERENCE_PATH, shipped_configs  # noqa: F401 - re-exported
 from compression.models.families import anatomy_from_config  # noqa: F401 - re-exported
 from compression.models.families.processors import load_processor as _family_processor
-from compression.models.reference import REFERENCE_PATH
 from compression.paths import cache_dir
 
-CONFIGS_PATH = Path(__file__).resolve().parent.parent / "assets" / "configs"
 SourceKind = Literal["reference", "local", "hub", "config"]
 
 
@@ -110,10 +109,6 @@ def fingerprint_folder(path: Path) -> str:
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
-
-
-def shipped_configs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CONFIGS_PATH.glob("*.json"))}
 
 
 def _read_config(path: Path):
@@ -242,14 +237,3 @@ def load_processor(path: Path, trust_remote_code: bool = False, family: "familie
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load the processor from {path}: {first}; expected tokenizer and "
                              "processor files beside config.json") from None
-
-
-def available_models(cache_root: Path | None = None) -> list[dict[str, str]]:
-    """Models the user can pick without typing a path: the reference, shipped configs, finished runs."""
-    rows = [{"name": "reference", "kind": "reference", "path": str(REFERENCE_PATH)}]
-    rows += [{"name": f"config:{n}", "kind": "config", "path": str(p)} for n, p in shipped_configs().items()]
-    runs = (cache_root or cache_dir()) / "runs"
-    for run in sorted(runs.glob("*/model")) if runs.is_dir() else []:
-        if (run / "config.json").is_file():
-            rows.append({"name": f"run:{run.parent.name}", "kind": "local", "path": str(run)})
-    return rows

@@ -22,8 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from compression.paths import cache_dir
 
 ZIP_LIMIT_BYTES = 200 * 1024 ** 2   # larger exports are not offered as one browser download
@@ -219,6 +217,7 @@ def verify_export(run_model: Path, export_dir: Path, remote_code: bool) -> tuple
     The fresh process builds its inputs with ``AutoProcessor`` and they must equal the ones made here; a
     family whose stock processor needs torchvision (``families.processors``) is fed the inputs made here
     instead. Raises ``ValueError`` (one line) when the export does not load or its processor disagrees."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     from compression.data.records import single_turn
