@@ -7,15 +7,21 @@ The other pages are ``pages/*.py`` (Streamlit's multipage folder). Each page, th
 opens with ``common.page_header``, which sets the page up itself (page config, sidebar links, model
 picker), so a bookmark straight to ``/compress`` works without this file having run first.
 Pages are thin: each calls the library in ``compression/``.
+
+First paint before torch: the title and sidebar are drawn first; torch, transformers and the model
+load after them, behind the model cache's spinner, and only then the modules that need torch
+(issue 12; ``tests/test_first_paint.py`` holds this).
 """
 import streamlit as st
 
-from compression.measure import evaluate
-from compression.models import parameter_counts
-from ui import common, measure, views
+from ui import common
 
 common.page_header("Model", "Architecture, parameters, measured accuracy and latency, and one answer.")
 loaded = common.loaded_model()
+from compression.measure import evaluate  # noqa: E402 - after the first paint, see above
+from compression.models import parameter_counts  # noqa: E402
+from ui import measure, views  # noqa: E402
+
 counts = parameter_counts(loaded.model, loaded.anatomy)
 
 st.subheader("Architecture")

@@ -2,13 +2,14 @@
 paper's advice for this budget, data size and compute."""
 import streamlit as st
 
-from compression.models import parameter_counts
-from compression.methods import prune
 from ui import advice, budget, common, views
 
 common.page_header("Budget & what-if", "How much to remove, what layerwise and widthwise pruning would give, "
                    "and what the paper advises. Works with config-only models (no weights needed).")
 loaded = common.loaded_model()
+from compression.models import parameter_counts  # noqa: E402 - after the first paint (app.py)
+from compression.methods import prune  # noqa: E402
+
 counts = parameter_counts(loaded.model, loaded.anatomy)
 saved = budget.current()
 

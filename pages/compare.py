@@ -3,12 +3,9 @@ latency, and each model's token map."""
 import hashlib
 
 import streamlit as st
-import torch
 
-from compression.measure.evaluate import normalize_answer
-from compression.methods import tokens
 from compression.runs import jobs
-from ui import common, compare, inputs, views
+from ui import common, inputs, views
 
 common.page_header("Compare", "Ask the original and a compressed run the same question about the same image.")
 runs = {r["name"]: r for r in jobs.list_runs()}
@@ -21,6 +18,12 @@ recipe = run.get("recipe") or run["metrics"].get("recipe") or {}
 st.caption(f"`{name}`: {views._describe_recipe(recipe)}, compressed from `{recipe.get('model', '?')}`.")
 original = common.loaded_model(need_weights=True, source=recipe.get("model", "reference"))
 compressed = common.loaded_model(need_weights=True, source=f"run:{name}")
+import torch  # noqa: E402 - after the first paint (app.py)
+
+from compression.measure.evaluate import normalize_answer  # noqa: E402
+from compression.methods import tokens  # noqa: E402
+from ui import compare  # noqa: E402
+
 generate_fn = compare.generate_fn_for(recipe)
 
 image, question, expected = inputs.image_and_question("compare")

@@ -2,12 +2,13 @@
 budget would remove."""
 import streamlit as st
 
-from compression.methods import importance, prune
 from ui import budget, common, views
 
 common.page_header("Importance", "Block influence and single-layer removal loss per decoder layer; per-head and "
                    "per-neuron scores as layers × units heatmaps, measured on calibration records of the chosen data.")
 loaded = common.loaded_model(need_weights=True)
+from compression.methods import importance, prune  # noqa: E402 - after the first paint (app.py)
+
 source = common.data_source("calibration")
 saved = budget.current()
 

@@ -4,14 +4,15 @@ import hashlib
 
 import streamlit as st
 
-from compression.methods import tokens
-import torch
-
 from ui import common, inputs, views
 
 common.page_header("Token maps", "Outlier intensity, INT4 quantization error, semantic relevance and the QAPruner "
                    "hybrid score of every visual token, over the image.")
 loaded = common.loaded_model(need_weights=True)
+import torch  # noqa: E402 - after the first paint (app.py)
+
+from compression.methods import tokens  # noqa: E402
+
 image, question, _ = inputs.image_and_question("tokens")
 
 a, b, c, d = st.columns(4)

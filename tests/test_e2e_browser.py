@@ -23,7 +23,12 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-BUSY = ("() => !!document.querySelector('[data-testid=stStatusWidget]') || "
+# Busy: the app root's script-run state is not finished (running, rerun or stop requested, not yet
+# connected), or a running indicator, spinner or stale skeleton is on screen. The status widget alone
+# missed runs: it was absent while the Model page imported its modules after the model had loaded.
+BUSY = ("() => !['notRunning', 'compilationError'].includes("
+        "document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')) || "
+        "!!document.querySelector('[data-testid=stStatusWidget]') || "
         "!!document.querySelector('[data-testid=stSpinner]') || !!document.querySelector('[data-testid=stSkeleton]')")
 
 

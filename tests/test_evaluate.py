@@ -107,3 +107,39 @@ def test_latency_is_interleaved_medians():
     for name in "ab":
         assert result[name]["prefill_ms"] > 0 and result[name]["decode_tokens_per_s"] > 0
         assert result[name]["repeats"] == 3
+
+
+def test_latency_rotates_takes_minima_and_feeds_given_inputs():
+    import pytest
+
+    from compression.methods import tokens
+
+    a, _, _ = tiny_llava(layers=1)
+    b, _, _ = tiny_llava(layers=2)
+    inputs = evaluate.latency_inputs(tiny_loaded(layers=1), shapes_records("test", 1)[0])
+    with torch.no_grad():
+        merged = tokens.merge_inputs(a, inputs)
+    embeds = {"inputs_embeds": merged.inputs_embeds, "attention_mask": merged.attention_mask}
+    calls = []
+    original = evaluate._time_one
+
+    def spy(model, fed, decode_tokens):
+        calls.append((model, "inputs_embeds" in fed))
+        return original(model, fed, decode_tokens)
+
+    evaluate._time_one = spy
+    try:
+        result = evaluate.latency({"a": a, "b": b, "a-embeds": a}, inputs, repeats=3, warmup=0, decode_tokens=0,
+                                  inputs_by_name={"a-embeds": embeds}, statistic="min", rotate=True)
+    finally:
+        evaluate._time_one = original
+    a_e = (a, True)
+    assert calls == [(a, False), (b, False), a_e, (b, False), a_e, (a, False), a_e, (a, False), (b, False)]
+    for name in ("a", "b", "a-embeds"):
+        r = result[name]
+        assert r["prefill_ms"] == min(r["prefill_ms_all"]) and len(r["prefill_ms_all"]) == 3
+        assert r["decode_tokens_per_s"] is None and r["statistic"] == "min"
+    with pytest.raises(ValueError, match="statistic"):
+        evaluate.latency({"a": a}, inputs, statistic="mean")
+    with pytest.raises(ValueError, match="inputs for every model"):
+        evaluate.latency({"a": a}, None)

@@ -109,6 +109,47 @@ def test_taylor_asks_gradients_only_of_scored_weights_and_frees_them(samples):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("language,kv_heads", [("llama", 2), ("qwen2", 1), ("phi", 4)])  # GQA, MQA, MHA + biases
+def test_lean_taylor_equals_the_old_path_and_holds_one_gradient_at_a_time(samples, language, kv_heads):
+    loaded = _loaded(language, "clip", num_key_value_heads=kv_heads)
+    mini = calibration_batches(loaded.prompt, samples, batch_size=2)  # the old path sums 3 mini-batches
+    old = importance.unit_importances(loaded, mini, lean=False)
+    groups = [g for k in ("heads", "neurons") for g in coupled_groups(loaded.model, loaded.anatomy, k)]
+    scored = list({id(p): p for g in groups for p, _ in importance._per_unit_parts(g)}.values())
+    alive: list[int] = []
+    # registered before the lean path's own hooks, so each runs just before that weight is scored and freed
+    handles = [p.register_post_accumulate_grad_hook(lambda p: alive.append(sum(q.grad is not None for q in scored)))
+               for p in scored]
+    try:
+        lean = importance.unit_importances(loaded, mini, lean=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for kind in ("heads", "neurons"):
+        assert lean[kind].drop(columns="score").equals(old[kind].drop(columns="score"))
+        a, b = torch.tensor(lean[kind]["score"].values), torch.tensor(old[kind]["score"].values)
+        assert (b > 0).all() and ((a - b).abs() / b).max() < 1e-5, kind
+    assert len(alive) == len(scored) and max(alive) == 1  # each gradient freed before the next arrives
+    assert all(p.grad is None for p in loaded.model.parameters())
+    assert all(p.requires_grad for p in loaded.model.parameters())
+    no_recompute = importance.unit_importances(loaded, mini, kinds=("neurons",), lean=True, recompute=False)
+    assert torch.allclose(torch.tensor(no_recompute["neurons"]["score"].values),
+                          torch.tensor(lean["neurons"]["score"].values), rtol=1e-5, atol=0)
+
+
+def test_merged_batches_pad_on_the_right_without_image_tokens(samples):
+    loaded = _loaded()
+    mini = calibration_batches(loaded.prompt, samples, batch_size=4)  # widths differ between the two
+    merged = importance.merge_batches(mini, pad_token_id=0)
+    assert merged["input_ids"].shape[0] == 6 and merged["pixel_values"].shape[0] == 6
+    width = max(b["input_ids"].shape[1] for b in mini)
+    assert merged["input_ids"].shape[1] == width
+    assert int(merged["attention_mask"].sum()) == sum(int(b["attention_mask"].sum()) for b in mini)
+    assert int((merged["labels"] != -100).sum()) == sum(int((b["labels"] != -100).sum()) for b in mini)
+    image = loaded.model.config.image_token_index
+    assert int((merged["input_ids"] == image).sum()) == sum(int((b["input_ids"] == image).sum()) for b in mini)
+
+
 def test_zeroed_neuron_scores_zero_on_every_scorer(samples):
     loaded = _loaded()
     mlp = loaded.anatomy.decoder_layers(loaded.model)[0].mlp

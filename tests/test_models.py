@@ -35,14 +35,37 @@ def test_phi_names_its_projections_like_phi():
     assert (anatomy.o_proj, anatomy.gate_proj, anatomy.up_proj, anatomy.down_proj) == ("dense", None, "fc1", "fc2")
 
 
-@pytest.mark.parametrize("name, published, tokens", [("llava-1.5-7b", 7.06e9, 576), ("bunny-v1.0-3b", 3.2e9, 729)])
-def test_shipped_configs_match_published_sizes(name, published, tokens):
+# Published sizes: the parameter count each model's Hugging Face page shows (safetensors metadata), as recorded in
+# /work/notes/families-research.md section 7; Bunny-v1.0-3B: its model card ("3B", 3.2B in its safetensors).
+# Visual tokens: per image for fixed-count families, per 448-px image or per tile for variable ones.
+PUBLISHED = [
+    ("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", 7.06e9, 576),
+    ("llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", 13.35e9, 576),
+    ("bunny-v1.0-3b", "BAAI/Bunny-v1_0-3B", 3.2e9, 729),
+    ("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", 3.75e9, 256),
+    ("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", 8.29e9, 256),
+    ("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", 8.77e9, 196),
+    ("gemma-3-4b", "google/gemma-3-4b-it", 4.30e9, 256),
+    ("internvl3-2b", "OpenGVLab/InternVL3-2B-hf", 2.09e9, 256),
+    ("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", 7.94e9, 256),
+    ("smolvlm-256m", "HuggingFaceTB/SmolVLM-256M-Instruct", 0.256e9, 64),
+    ("smolvlm-2b", "HuggingFaceTB/SmolVLM-Instruct", 2.25e9, 81),
+    ("mini-internvl-chat-4b-v1-5", "OpenGVLab/Mini-InternVL-Chat-4B-V1-5", 4.15e9, 256),
+]
+
+
+@pytest.mark.parametrize("name, hub_id, published, tokens", PUBLISHED)
+def test_shipped_configs_match_published_sizes(name, hub_id, published, tokens):
     loaded = models.load(f"config:{name}")
     assert not loaded.has_weights and loaded.processor is None
     assert next(loaded.model.parameters()).device.type == "meta"
     total = models.parameter_counts(loaded.model, loaded.anatomy)["total"]
-    assert abs(total - published) / published < 0.01
+    assert abs(total - published) / published < 0.01, f"{hub_id}: {total:,} vs published {published:,.0f}"
     assert loaded.anatomy.visual_tokens == tokens
+
+
+def test_every_shipped_config_has_a_published_size():
+    assert set(models.shipped_configs()) == {name for name, *_ in PUBLISHED}
 
 
 def test_llava_7b_anatomy_from_config():

@@ -49,6 +49,16 @@ def test_width_plan_default_range_gqa_and_multiples_of_32(eight_layers):
     assert head_configurations(6, 2) == [(1, 1), (1, 2), (2, 1), (1, 3), (2, 2), (2, 3)]
 
 
+def test_width_plan_rounds_neurons_to_a_requested_multiple(llava7b):
+    plain = make_plan(llava7b, "width", ratio=0.2)
+    rounded = make_plan(llava7b, "width", ratio=0.2, neuron_multiple=128)
+    assert {len(v) for v in plain.neurons_kept.values()} == {8416}  # a multiple of 32, not of 64
+    assert {len(v) for v in rounded.neurons_kept.values()} == {8448}  # 66 x 128
+    assert abs(rounded.ratio_achieved - 0.2) < 0.01 and any("multiples of 128" in n for n in rounded.notes)
+    with pytest.raises(ValueError, match="neuron_multiple 48"):
+        make_plan(llava7b, "width", ratio=0.3, neuron_multiple=48)
+
+
 def test_width_plan_keeps_highest_scored_units(eight_layers):
     _, anatomy = eight_layers
     heads = pd.DataFrame([{"layer": i, "head": h, "kv_head": h // 3, "score": float(h == 5 or h == 4) + h / 100,
@@ -117,6 +127,12 @@ def test_what_if_for_shipped_configs(llava7b, monkeypatch):
     assert b["visual_tokens"] == 729 and b["params_language"] < 0.75 * 2.78e9
     with pytest.raises(ValueError, match="hardware 'tpu'"):
         what_if(llava7b, None, hardware="tpu")
+    # visual-token pruning: the language model sees 72 + 32 tokens; the vision tower still every patch
+    few = what_if(llava7b, None, hardware="h100", prompt_tokens=32, visual_tokens=72)
+    assert few["prefill_tokens"] == 104 and few["prefill_flops"]["vision"] == base["prefill_flops"]["vision"]
+    assert 5.5 < base["prefill_flops"]["language"] / few["prefill_flops"]["language"] < 6.5  # ~608 / 104
+    with pytest.raises(ValueError, match="visual_tokens 577"):
+        what_if(llava7b, None, visual_tokens=577)
 
 
 def test_cpu_profile_is_measured_once_and_cached(monkeypatch):
@@ -145,3 +161,29 @@ def test_cli_plan_on_a_config_only_model(capsys):
     assert cli.main(["plan", "--model", "config:llava-1.5-7b", "--method", "layer", "--ratio", "0.99"]) == 2
     assert "would remove all 32 layers" in capsys.readouterr().err
     assert cli.main(["plan", "--model", "config:nope", "--method", "layer", "--ratio", "0.3"]) == 2
+
+
+def test_every_plan_says_what_serving_it_needs(llava7b):
+    default = make_plan(llava7b, "width", ratio=0.3)  # first 3 and the last layer whole: widths differ
+    assert default.servable["plain_transformers"] is False and "trust_remote_code" in default.servable["needs"]
+    layers = make_plan(llava7b, "layer", ratio=0.3)
+    assert layers.servable["plain_transformers"] is True
+    assert layers.servable["tensor_parallel"] == {"2": True, "4": True, "8": True}  # 32 heads, 32 KV heads, 11008
+
+
+@pytest.mark.parametrize("name, heads_kv_neurons", [("llava-1.5-7b", (32, 32, 11008)), ("gemma-3-4b", (8, 4, 10240)),
+                                                    ("qwen2.5-vl-3b", (16, 2, 11008))])
+def test_servable_width_plans_are_uniform_and_keep_tensor_parallel_sizes(name, heads_kv_neurons):
+    loaded = models.load(f"config:{name}")
+    before = dict.fromkeys(("2", "4", "8"), False)
+    for t in before:
+        before[t] = all(n % int(t) == 0 for n in heads_kv_neurons)
+    plan = make_plan(loaded, "width", ratio=0.3, servable=True)
+    widths = plan.widths_after
+    assert len(set(zip(*widths.values()))) == 1  # every layer alike
+    assert plan.servable["plain_transformers"] is True and plan.servable["tensor_parallel"] == before
+    assert plan.ratio_achieved == pytest.approx(0.3, abs=0.05)
+    heads = widths["num_attention_heads"][0]
+    assert loaded.anatomy.hidden_size % heads == 0 and heads % widths["num_key_value_heads"][0] == 0
+    with pytest.raises(ValueError, match="servable width plan prunes every layer alike"):
+        make_plan(loaded, "width", ratio=0.3, servable=True, layer_range=(3, 10))

@@ -16,6 +16,8 @@ def test_defaults_follow_the_paper():
     assert r.prune.scorer == "block_influence"
     assert Recipe.from_yaml("prune: {method: width, ratio: 0.3}\n").prune.scorer == "taylor"
     assert r.quantize == "none" and r.visual_tokens.keep_ratio == 1.0
+    assert r.prune.servable is False
+    assert Recipe.from_yaml("prune: {method: width, ratio: 0.3, servable: true}\n").prune.servable is True
 
 
 @pytest.mark.parametrize("text, field, expected", [

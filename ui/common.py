@@ -8,6 +8,8 @@ refresh keeps it.
 """
 from __future__ import annotations
 
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -278,8 +280,17 @@ def selection(role: str, samples: int, **kwargs):
         return select(source, samples=samples, need_images=True, **kwargs)
 
 
+# On a first visit the browser fetches the sidebar widgets' code from this server just after the header
+# arrives. Importing torch holds the GIL for up to ~1.5 s at a time, and those fetches waited 1.8-2.5 s
+# for the server (10-50 ms with this pause; headless Chromium, 2 cores at load 11-13). So the first
+# import in a server process waits this long.
+FIRST_IMPORT_PAUSE_S = 0.5
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def _load(source: str):
+    if "torch" not in sys.modules:
+        time.sleep(FIRST_IMPORT_PAUSE_S)
     from compression.models import load
 
     return load(source)
@@ -287,12 +298,10 @@ def _load(source: str):
 
 def loaded_model(need_weights: bool = False, source: str | None = None):
     """The chosen model (read-only, cached); on bad input a one-line error and the page stops."""
-    from compression.models import ModelLoadError
-
     source = source or current_source()
     try:
         loaded = _load(source)
-    except (ModelLoadError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # ModelLoadError is a ValueError: no import here, it would load torch early
         st.error(one_line(e))
         st.stop()
     if need_weights and not loaded.has_weights:

@@ -5,10 +5,14 @@ numbers are *measured* (a model ran on this machine) or *estimated* (arithmetic 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PART_COLORS = {"vision tower": "#4C78A8", "projector": "#F58518", "language model": "#54A24B"}
 
@@ -26,8 +30,10 @@ def parameter_breakdown(loaded) -> pd.DataFrame:
     """Parameters per part and component: ``part, component, params`` (works on meta models too)."""
     model, anatomy = loaded.model, loaded.anatomy
     seen: set[int] = set()
+    projector = sum(p.numel() for p in anatomy.projector_parameters(model) if id(p) not in seen)
+    seen.update(id(p) for p in anatomy.projector_parameters(model))  # first: Qwen's merger is inside its tower
     rows = [("vision tower", "vision tower", _count(model.get_submodule(anatomy.vision_tower), seen)),
-            ("projector", "projector", _count(model.get_submodule(anatomy.projector), seen)),
+            ("projector", "projector", projector),
             ("language model", "embeddings", _count(model.get_submodule(anatomy.embed_tokens), seen))]
     attention = mlp = 0
     for layer in anatomy.decoder_layers(model):
@@ -53,16 +59,17 @@ def architecture_rows(loaded) -> pd.DataFrame:
     """One row per stage of the pipeline: vision tower -> projector -> language model."""
     a = loaded.anatomy
     config = loaded.model.config
-    vision, text = config.vision_config, config.text_config
+    text = config.text_config
     counts = parameter_breakdown(loaded).groupby("part", sort=False)["params"].sum()
     return pd.DataFrame([
         {"stage": "vision tower", "type": a.vision_model_type.replace("_vision_model", "").upper(),
-         "layers": vision.num_hidden_layers, "hidden": vision.hidden_size,
-         "detail": f"{a.image_size}px image, patch {a.patch_size} -> {a.visual_tokens} visual tokens",
+         "layers": a.vision_layers, "hidden": a.vision_hidden_size,
+         "detail": f"{a.image_size}px image, patch {a.patch_size} -> {a.visual_tokens} visual tokens"
+                   + ("" if a.visual_tokens_fixed else " (varies with the image)"),
          "params": int(counts["vision tower"])},
         {"stage": "projector", "type": getattr(config, "projector_hidden_act", "mlp") + " MLP",
          "layers": 2, "hidden": text.hidden_size,
-         "detail": f"{vision.hidden_size} -> {text.hidden_size}", "params": int(counts["projector"])},
+         "detail": f"{a.vision_hidden_size} -> {text.hidden_size}", "params": int(counts["projector"])},
         {"stage": "language model", "type": a.language_model_type.capitalize(), "layers": a.num_layers,
          "hidden": a.hidden_size,
          "detail": (f"{a.num_attention_heads} heads x {a.head_dim}, {a.num_key_value_heads} KV heads "

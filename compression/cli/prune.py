@@ -65,7 +65,8 @@ def _make_plan(args, loaded):
     scorer = args.scorer or SCORER_DEFAULTS[args.method]
     scores = _scores(args, loaded, args.method, scorer)
     return make_plan(loaded, args.method, ratio=args.ratio, target_mb=args.target_mb, scores=scores,
-                     layer_range=_layer_range(args.layer_range), target_dtype=args.target_dtype)
+                     layer_range=_layer_range(args.layer_range), target_dtype=args.target_dtype,
+                     servable=args.servable)
 
 
 def _cmd_analyze(args) -> int:
@@ -131,7 +132,9 @@ def _cmd_plan(args) -> int:
                    f"{i}: {len(plan.heads_kept[i])}/{len(plan.kv_heads_kept[i])}/{len(plan.neurons_kept[i])}"
                    for i in plan.heads_kept) + "\n")
             + f"estimated prefill on {args.hardware}: {before['prefill_ms']:.1f} ms -> {after['prefill_ms']:.1f} ms "
-              f"(scorer: {plan.scorer})")
+              f"(scorer: {plan.scorer})\n"
+            + f"serving: {plan.servable['needs']}; tensor parallel "
+              + ", ".join(f"{t}: {'yes' if ok else 'no'}" for t, ok in plan.servable["tensor_parallel"].items()))
     emit(args, payload, text)
     return 0
 
@@ -167,6 +170,8 @@ def _budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-dtype", default="fp32", choices=["fp32", "bf16", "int8", "nf4"],
                    help="storage dtype the target size refers to")
     p.add_argument("--layer-range", help="eligible layers START:STOP (width default: first 3 and last left whole)")
+    p.add_argument("--servable", action="store_true",
+                   help="width: every layer alike (plain transformers, no custom code), tensor-parallel sizes kept")
     p.add_argument("--scorer", help="layer: block_influence|removal_loss; width: taylor|activation|magnitude; or none")
     p.add_argument("--samples", type=int, default=32, help="calibration samples for importance")
     add_data_arguments(p, "calibration data for the importance scores")

@@ -4,9 +4,10 @@
   chat template (``compression.models.prompting``), scored by ``compression.data.scoring`` with the metric
   the data calls for (normalised exact match, multiple choice, yes/no), overall and per record type;
 - size: parameters by part (vision / projector / language) and bytes of the stored tensors;
-- latency: prefill ms for one image + question, and decode tokens/s with the KV cache, medians
-  over repeats after warm-up. Several models are timed *interleaved* in one process (A, B, A,
-  B, …) so that their ratio is not skewed by the machine's drift.
+- latency: prefill ms for one image + question (logits of the last position only, as ``generate``),
+  and decode tokens/s with the KV cache, medians (or minima) over repeats after warm-up. Several
+  models are timed *interleaved* in one process (A, B, A, B, …; optionally order-rotated) so
+  that their ratio is not skewed by the machine's drift.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -97,15 +98,28 @@ def size_bytes(model: nn.Module, path: Path | None = None) -> int:
 
 
 @torch.no_grad()
-def _time_one(model: nn.Module, inputs: dict[str, torch.Tensor], decode_tokens: int) -> tuple[float, float]:
+def _time_one(model: nn.Module, inputs: dict[str, torch.Tensor], decode_tokens: int) -> tuple[float, float | None]:
+    # logits for the last position only, as generate computes them: a [tokens, vocab] projection
+    # of the whole prompt is work no prefill does, and pruning cannot shrink it
     start = time.perf_counter()
-    out = model(**inputs, use_cache=True)
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
+    if decode_tokens == 0:
+        return prefill * 1000, None
     past = out.past_key_values
     token = out.logits[:, -1:].argmax(-1)
+    mask = inputs.get("attention_mask")
+    position = inputs["position_ids"][:, -1:] if "position_ids" in inputs else None
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        step = {"input_ids": token, "past_key_values": past, "use_cache": True}
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            step["attention_mask"] = mask
+        if position is not None:  # a pruned sequence with gaps: continue from its last position
+            position = position + 1
+            step["position_ids"] = position
+        out = model(**step)
         past = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
     decode = time.perf_counter() - start
@@ -117,23 +131,47 @@ def latency_inputs(loaded: LoadedModel, record: Record) -> dict[str, torch.Tenso
     return dict(record_generation_inputs(loaded.prompt, [record], [record.prompt_messages]))
 
 
-def latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int = 9, warmup: int = 2,
+def latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor] | None, repeats: int = 9, warmup: int = 2,
             decode_tokens: int = 16,
-            inputs_fn: Callable[[nn.Module, dict], dict] | None = None) -> dict[str, dict[str, float]]:
-    """Median prefill ms and decode tokens/s for each model, measured interleaved, batch 1.
+            inputs_fn: Callable[[nn.Module, dict], dict] | None = None,
+            inputs_by_name: dict[str, dict[str, torch.Tensor]] | None = None,
+            statistic: Literal["median", "min"] = "median", rotate: bool = False) -> dict[str, dict[str, float]]:
+    """Prefill ms and decode tokens/s for each model, measured interleaved, batch 1.
 
     ``inputs`` are one prompt's processor inputs (``latency_inputs``). ``inputs_fn(model, inputs) -> model
     kwargs`` lets a caller change what is fed (e.g. pruned visual tokens as ``inputs_embeds``).
+    ``inputs_by_name``: model kwargs per name, fed as they are (the language model alone from precomputed
+    ``inputs_embeds``, a visual-token-pruned sequence; several names may share one model); ``inputs`` may
+    then be None. ``statistic``: ``"median"`` of the repeats, or ``"min"`` (fastest prefill, fastest
+    decode: the least-disturbed run on a shared machine). ``rotate``: round ``r`` starts at the ``r``-th
+    model (A B C, B C A, C A B, ...), so no model always runs first or right after the same neighbour.
+    ``decode_tokens=0`` times the prefill only (``decode_tokens_per_s`` is then None).
     """
-    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    if statistic not in ("median", "min"):
+        raise ValueError(f"statistic {statistic!r} is not 'median' or 'min'")
+    if repeats < 1 or warmup < 0 or decode_tokens < 0:
+        raise ValueError(f"repeats {repeats} must be >= 1, warmup {warmup} and decode_tokens {decode_tokens} >= 0")
+    inputs_by_name = inputs_by_name or {}
+    if inputs is None and any(name not in inputs_by_name for name in models):
+        raise ValueError("latency needs inputs for every model: pass inputs, or inputs_by_name for each name")
+    names = list(models)
+    timings: dict[str, list[tuple[float, float | None]]] = {name: [] for name in models}
     for r in range(warmup + repeats):
-        for name, model in models.items():
-            fed = inputs_fn(model, dict(inputs)) if inputs_fn else dict(inputs)
+        order = names[r % len(names):] + names[:r % len(names)] if rotate else names
+        for name in order:
+            model = models[name]
+            if name in inputs_by_name:
+                fed = dict(inputs_by_name[name])
+            else:
+                fed = inputs_fn(model, dict(inputs)) if inputs_fn else dict(inputs)
             measured = _time_one(model, _to_model(fed, model), decode_tokens)
             if r >= warmup:
                 timings[name].append(measured)
-    return {name: {"prefill_ms": statistics.median(t[0] for t in ts),
-                   "decode_tokens_per_s": statistics.median(t[1] for t in ts), "repeats": repeats}
+    pick_low = statistics.median if statistic == "median" else min
+    pick_high = statistics.median if statistic == "median" else max
+    return {name: {"prefill_ms": pick_low(t[0] for t in ts),
+                   "decode_tokens_per_s": pick_high(t[1] for t in ts) if decode_tokens else None,
+                   "prefill_ms_all": [t[0] for t in ts], "repeats": repeats, "statistic": statistic}
             for name, ts in timings.items()}
 
 

@@ -124,11 +124,13 @@ def _unpack(source) -> tuple[nn.Module, Anatomy]:
 
 
 def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware: str = "cpu",
-            prompt_tokens: int = 32) -> dict[str, Any]:
+            prompt_tokens: int = 32, visual_tokens: int | None = None) -> dict[str, Any]:
     """Estimates for the model as it is, or after ``plan`` (a ``compression.methods.prune.Plan``), on ``hardware``.
 
     Needs only shapes: works on config-only models (``models.load("config:llava-1.5-7b")``).
     ``prompt_tokens``: text tokens of the prompt besides the image's visual tokens.
+    ``visual_tokens``: visual tokens the language model sees (visual-token pruning keeps fewer);
+    default all of them. The vision tower and projector still process every patch.
     """
     if prompt_tokens < 0:
         raise ValueError(f"prompt_tokens {prompt_tokens} must be 0 or more")
@@ -147,11 +149,13 @@ def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware
     mlp_mats = 3 if anatomy.gate_proj else 2
     linear = [hidden * (hd * (2 * h + 2 * k) + mlp_mats * m) for h, k, m in zip(heads, kv, inter)]
 
-    vision = model.config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2 + int(anatomy.vision_model_type == "clip_vision_model")
+    patches = anatomy.vision_patches  # for one image_size image (one tile where the count varies)
     visual = anatomy.visual_tokens
-    tokens = visual + prompt_tokens
-    flops_vision = 2 * patches * counts["vision"] + 4 * patches ** 2 * vision.hidden_size * vision.num_hidden_layers
+    if visual_tokens is not None and not 0 <= visual_tokens <= visual:
+        raise ValueError(f"visual_tokens {visual_tokens} must be between 0 and the model's {visual}")
+    kept = visual if visual_tokens is None else visual_tokens
+    tokens = kept + prompt_tokens
+    flops_vision = 2 * patches * counts["vision"] + 4 * patches ** 2 * anatomy.vision_hidden_size * anatomy.vision_layers
     flops_projector = 2 * visual * counts["projector"]
     flops_language = sum(2 * tokens * w + 4 * tokens ** 2 * h * hd for w, h in zip(linear, heads))
     flops_language += 2 * hidden * anatomy.vocab_size  # LM head, last token only
@@ -163,7 +167,7 @@ def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware
     moved = weight_bytes + tokens * kv_per_token[profile.dtype]
     compute_s = flops / (profile.peak_flops * profile.flops_efficiency)
     memory_s = moved / (profile.bandwidth * profile.bandwidth_efficiency)
-    layers = len(heads) + vision.num_hidden_layers
+    layers = len(heads) + anatomy.vision_layers
     prefill_s = max(compute_s, memory_s) + layers * profile.overhead_per_layer_s
     # decode is memory-bound at batch 1: the language model's weights are read once per token
     decode_s = (language * dtype_bytes) / (profile.bandwidth * profile.bandwidth_efficiency) \
@@ -174,7 +178,8 @@ def what_if(source: LoadedModel | tuple[nn.Module, Anatomy], plan=None, hardware
         "params_total": total, "params_language": language, "params_vision": counts["vision"],
         "params_projector": counts["projector"],
         "bytes": bytes_by_dtype(total, sum(linear)),
-        "visual_tokens": visual, "prompt_tokens": prompt_tokens, "prefill_tokens": tokens,
+        "visual_tokens": kept, "visual_tokens_fixed": anatomy.visual_tokens_fixed,
+        "visual_tokens_note": anatomy.visual_tokens_note, "prompt_tokens": prompt_tokens, "prefill_tokens": tokens,
         "prefill_flops": {"vision": flops_vision, "projector": flops_projector, "language": flops_language,
                           "total": flops},
         "kv_cache_bytes_per_token": kv_per_token,

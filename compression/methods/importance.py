@@ -15,10 +15,15 @@ and its down column (``fc2``), biases included. Scorers are interchangeable obje
 call signature, ``scorer(group) -> 1-D tensor`` of one score per unit:
 
 - ``TaylorImportance`` (default; LLM-Pruner, Ma et al. 2023; the paper): first-order Taylor
-  ``sum |W * dL/dW|`` over the group, from one pass of backward over the calibration samples
-  (cross-entropy on the answer tokens, gradients summed over mini-batches). Only the weights
-  being scored ask for gradients, so memory is the model plus those gradients plus one
-  mini-batch of activations;
+  ``sum |W * dL/dW|`` over the group, ``dL/dW`` the gradient of the mean answer-token
+  cross-entropy over all calibration samples. Two paths give the same scores (to float rounding):
+  *lean* (default, ``_taylor_lean``): one backward over all samples in one batch, with per-layer
+  activation recomputation; a post-accumulate-grad hook on each scored weight turns its gradient
+  into per-unit sums the moment it arrives and frees it, so memory is the weights + layer inputs +
+  one layer's activations, with no gradients kept; *old* (``lean=False``,
+  ``_accumulate_gradients``): gradients of every scored weight summed over mini-batches and kept,
+  memory = weights + those gradients + one mini-batch of activations. Only scored weights ask
+  for gradients on either path. Measured on LLaVA-1.5-7B layer shapes: ``benchmarks/results/scale.md``;
 - ``ActivationImportance`` (Minitron, Muralidharan et al. 2024): mean over tokens of a head's
   attention-output L2 norm (input of o_proj) / a neuron's absolute activation (input of down_proj);
 - ``MagnitudeImportance``: ``sum |W|`` over the group, no data.
@@ -38,10 +43,12 @@ repeated request is a file read; the selection fingerprint covers the data file 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Callable, Iterator, Literal, Protocol
 
 import pandas as pd
 import torch
@@ -61,6 +68,7 @@ LAYER_METHODS = ("block_influence", "removal_loss")
 UNIT_METHODS = ("taylor", "activation", "magnitude")
 DEFAULT_SAMPLES = 32
 BATCH_SIZE = 8
+LM_HEAD_MIN_ROWS = 16  # see _taylor_lean
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -192,7 +200,8 @@ class CoupledGroup:
     ``rows``: linears whose output rows belong to units (q; gate/up), ``unit_size`` rows each;
     ``cols``: linears whose input columns belong to units (o; down); ``shared_rows``: k and v,
     whose rows belong to a KV group of ``group_size`` units (GQA). ``activation``: per-unit mean
-    activation collected on the calibration samples (``ActivationImportance`` only).
+    activation collected on the calibration samples (``ActivationImportance`` only); ``taylor``:
+    per-unit Taylor scores accumulated during the backward pass by the lean path (``TaylorImportance``).
     """
 
     layer: int
@@ -204,29 +213,34 @@ class CoupledGroup:
     cols: list[nn.Linear]
     shared_rows: list[nn.Linear] = field(default_factory=list)
     activation: torch.Tensor | None = None
+    taylor: torch.Tensor | None = None
 
 
-def _row_sums(linears: list[nn.Linear], elementwise, units: int, size: int) -> torch.Tensor:
-    """``elementwise`` summed over the output rows (weight and bias) of each of ``units`` slices."""
-    total = torch.zeros(units, dtype=torch.float64)
-    for lin in linears:
-        e = elementwise(lin.weight).sum(1)
-        if lin.bias is not None:
-            e = e + elementwise(lin.bias)
-        total += e.double().view(units, size).sum(1).cpu()
-    return total
+def _per_unit_parts(group: CoupledGroup) -> list[tuple[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]:
+    """Every weight and bias of the group, each with the map from an elementwise tensor of its shape
+    (``|W|``, ``|W * dL/dW|``) to its contribution to the ``units`` scores (float64)."""
+    u, size, g = group.units, group.unit_size, group.group_size
+    rows = lambda e: e.sum(1).double().view(u, size).sum(1)  # noqa: E731 - output rows of each unit
+    row_bias = lambda e: e.double().view(u, size).sum(1)  # noqa: E731
+    cols = lambda e: e.sum(0).double().view(u, size).sum(1)  # noqa: E731 - input columns of each unit
+    # a KV group's k/v rows are shared by its G query heads: each head gets 1/G of them
+    shared = lambda e: (e.sum(1).double().view(u // g, size).sum(1) / g).repeat_interleave(g)  # noqa: E731
+    shared_bias = lambda e: (e.double().view(u // g, size).sum(1) / g).repeat_interleave(g)  # noqa: E731
+    parts = []
+    for linears, weight_fn, bias_fn in ((group.rows, rows, row_bias), (group.shared_rows, shared, shared_bias)):
+        for lin in linears:
+            parts.append((lin.weight, weight_fn))
+            if lin.bias is not None:
+                parts.append((lin.bias, bias_fn))
+    parts += [(lin.weight, cols) for lin in group.cols]  # an o/down bias lives on the hidden size: no unit's
+    return parts
 
 
 def _reduce(group: CoupledGroup, elementwise) -> torch.Tensor:
     """Sum ``elementwise(tensor)`` over every slice of each unit (``elementwise`` of weight or bias)."""
-    u, size = group.units, group.unit_size
-    score = _row_sums(group.rows, elementwise, u, size)
-    for lin in group.cols:
-        score += elementwise(lin.weight).sum(0).double().view(u, size).sum(1).cpu()
-    if group.shared_rows:
-        # a KV group's k/v rows are shared by its query heads: each head gets 1/G of them
-        shared = _row_sums(group.shared_rows, elementwise, group.units // group.group_size, size)
-        score += (shared / group.group_size).repeat_interleave(group.group_size)
+    score = torch.zeros(group.units, dtype=torch.float64)
+    for p, per_unit in _per_unit_parts(group):
+        score += per_unit(elementwise(p)).cpu()
     return score
 
 
@@ -243,6 +257,8 @@ class TaylorImportance:
     name, needs = "taylor", "gradients"
 
     def __call__(self, group: CoupledGroup) -> torch.Tensor:
+        if group.taylor is not None:  # the lean path scored the group as its gradients arrived
+            return group.taylor
         def taylor(p: torch.Tensor) -> torch.Tensor:
             if p.grad is None:
                 raise ValueError("Taylor importance needs gradients; run the backward pass first")
@@ -316,6 +332,122 @@ def _accumulate_gradients(model: nn.Module, groups: list[CoupledGroup], batches:
             p.requires_grad_(previous[name])
 
 
+def merge_batches(batches: list[dict], pad_token_id: int = 0) -> dict:
+    """All calibration batches as one: rows right-padded to the longest (mask 0, label -100).
+
+    Causal attention never lets a real token see the padding after it, and position ids do not
+    depend on the mask, so every real token's logits, and the mean answer loss, are unchanged.
+    ``pad_token_id`` must not be the image token (LLaVA counts those).
+    """
+    if len(batches) == 1:
+        return batches[0]
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    merged = {}
+    for key in batches[0]:
+        per_token = all(b[key].dim() >= 2 and b[key].shape[:2] == b["input_ids"].shape for b in batches)
+        if per_token:  # [batch, tokens, ...]: ids, mask, labels and any token-type ids the processor adds
+            merged[key] = torch.cat([F.pad(b[key], (0, 0) * (b[key].dim() - 2) + (0, width - b[key].shape[1]),
+                                           value=fill.get(key, 0)) for b in batches])
+        else:  # per image (pixel_values, image sizes)
+            merged[key] = torch.cat([b[key] for b in batches])
+    return merged
+
+
+@contextlib.contextmanager
+def _recompute_layers(layers: nn.ModuleList) -> Iterator[None]:
+    """Activation checkpointing per decoder layer (Chen et al. 2016, ``torch.utils.checkpoint``): the
+    forward keeps only each layer's input; backward recomputes one layer at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    previous = [vars(layer).get("forward") for layer in layers]  # accelerate hooks may have set one
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, previous):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def _taylor_lean(model: nn.Module, anatomy: Anatomy, groups: list[CoupledGroup], batches: list[dict],
+                 recompute: bool = True) -> None:
+    """Taylor scores accumulated as each weight's gradient arrives, that gradient freed at once.
+
+    One forward and one backward over *all* calibration samples (the paper's 10 samples, one
+    backward): each scored weight then receives its full-batch gradient ``G`` exactly once, so a
+    ``register_post_accumulate_grad_hook`` can turn ``|W * G|`` into per-unit sums at that moment
+    and set ``p.grad = None``. Why one batch: ``|W * G|`` is per element of the *summed* gradient,
+    so with several mini-batches every element would have to be kept until the last one — the
+    very memory this path removes. The scores equal ``_accumulate_gradients``' (same loss, same
+    summed gradient; float rounding only).
+
+    What the single batch costs is activations for every sample at once; ``recompute`` (default)
+    keeps only each decoder layer's input and recomputes one layer at a time in backward (about
+    one more forward of the language model). The loss is taken on the answer positions only
+    (``logits_to_keep`` mask), so the full ``[tokens, vocab]`` logits are never built.
+    Peak memory: weights + every layer's input hidden states + one layer's activations + the
+    current weight's gradient and its ``|W * G|``.
+    """
+    text = model.config.text_config if hasattr(model.config, "text_config") else model.config
+    image_token = getattr(model.config, "image_token_index", None)
+    pad = next(t for t in (getattr(text, "pad_token_id", None), 0, 1) if t is not None and t != image_token)
+    batch = _to(merge_batches(batches, pad), model)
+    labels = batch.pop("labels")
+    # logits at position t predict token t + 1: keep the positions whose next token is an answer token
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = shifted != -100
+    if not keep.any():
+        raise ValueError("calibration batches hold no answer tokens; Taylor importance needs a loss")
+    # Pad to LM_HEAD_MIN_ROWS rows (ignored by the loss): with 1-7 rows the LM head's backward takes a
+    # matrix-vector kernel that sums the 32k-vocabulary products in sequence, ~10x less precise in fp32
+    # than the blocked GEMM the full-logits path uses, and the scores then drift by up to 1e-4.
+    spare = (~keep).flatten().nonzero().flatten()[:max(0, LM_HEAD_MIN_ROWS - int(keep.sum()))]
+    keep.view(-1)[spare] = True
+    targets = shifted[keep]
+    parts: dict[int, list[tuple[torch.Tensor, Callable]]] = {}
+    scores = [torch.zeros(g.units, dtype=torch.float64) for g in groups]
+    for gi, g in enumerate(groups):
+        for p, per_unit in _per_unit_parts(g):
+            parts.setdefault(id(p), []).append((scores[gi], per_unit))
+    params = {id(p): p for g in groups for p, _ in _per_unit_parts(g)}
+    arrived: set[int] = set()
+
+    @torch.no_grad()
+    def score_and_free(p: torch.Tensor) -> None:
+        # in place on the gradient (fp32; a float copy of a bf16 one): no weight-sized temporaries beyond it
+        elementwise = p.grad.float().mul_(p.detach()).abs_()
+        for total, per_unit in parts[id(p)]:
+            total += per_unit(elementwise).cpu()
+        arrived.add(id(p))
+        p.grad = None
+
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    handles = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in params)
+            p.grad = None
+        handles = [p.register_post_accumulate_grad_hook(score_and_free) for p in params.values()]
+        layers = anatomy.decoder_layers(model)
+        with _recompute_layers(layers) if recompute else contextlib.nullcontext():
+            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits  # [answer tokens, vocab]
+            F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="mean").backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(previous[name])
+    if len(arrived) != len(params):
+        raise ValueError(f"{len(params) - len(arrived)} scored weights received no gradient; "
+                         "Taylor importance needs every scored weight on the loss path")
+    for g, total in zip(groups, scores):
+        g.taylor = total
+
+
 @torch.no_grad()
 def _collect_activations(model: nn.Module, groups: list[CoupledGroup], batches: list[dict]) -> None:
     """Mean per-unit activation over non-padding tokens, from pre-hooks on o_proj / down_proj."""
@@ -349,44 +481,58 @@ def _collect_activations(model: nn.Module, groups: list[CoupledGroup], batches: 
 
 
 def unit_importance(loaded: LoadedModel, samples: "Selection | list[Record] | list[dict] | None" = None,
-                    kind: UnitKind = "heads", method: UnitMethod = "taylor") -> pd.DataFrame:
+                    kind: UnitKind = "heads", method: UnitMethod = "taylor", lean: bool = True,
+                    recompute: bool = True) -> pd.DataFrame:
     """One row per attention head (``kind="heads"``) or MLP neuron (``"neurons"``) of every layer.
 
     Columns: ``layer``, ``head`` (plus ``kv_head``, its KV group) or ``neuron``, ``score``
     (higher = more important), ``method``. For GQA each query head's score carries 1/G of its
     KV group's k/v importance (module docstring). ``magnitude`` ignores ``samples``.
+    Taylor: ``lean`` (default) scores each weight as its gradient arrives and frees it, over one
+    batch of every sample (``_taylor_lean``; ``recompute`` recomputes layer activations in
+    backward); ``lean=False`` keeps every scored gradient over mini-batches (the old path, for comparison).
     """
-    if kind not in ("heads", "neurons"):
-        raise ValueError(f"unit kind {kind!r} is not 'heads' or 'neurons'")
+    return unit_importances(loaded, samples, (kind,), method, lean, recompute)[kind]
+
+
+def unit_importances(loaded: LoadedModel, samples: "Selection | list[Record] | list[dict] | None" = None,
+                     kinds: tuple[UnitKind, ...] = ("heads", "neurons"), method: UnitMethod = "taylor",
+                     lean: bool = True, recompute: bool = True) -> dict[str, pd.DataFrame]:
+    """``unit_importance`` for several kinds from one pass over the data (one backward for Taylor)."""
+    if not kinds:
+        raise ValueError("no unit kinds given; expected 'heads' and/or 'neurons'")
+    for kind in kinds:
+        if kind not in ("heads", "neurons"):
+            raise ValueError(f"unit kind {kind!r} is not 'heads' or 'neurons'")
     if method not in SCORERS:
         raise ValueError(f"unit importance method {method!r} is not one of {', '.join(UNIT_METHODS)}")
     model, anatomy = loaded.model, loaded.anatomy
     scorer: UnitScorer = SCORERS[method]()
-    groups = coupled_groups(model, anatomy, kind)
+    groups = [g for k in kinds for g in coupled_groups(model, anatomy, k)]
     was_training = model.training
     model.eval()
     try:
-        if scorer.needs == "gradients":
+        if scorer.needs == "gradients" and lean:
+            _taylor_lean(model, anatomy, groups, _as_batches(loaded, samples), recompute)
+        elif scorer.needs == "gradients":
             _accumulate_gradients(model, groups, _as_batches(loaded, samples))
         elif scorer.needs == "activations":
             _collect_activations(model, groups, _as_batches(loaded, samples))
-        rows = []
+        rows: dict[str, list[dict]] = {k: [] for k in kinds}
         for g in groups:
             scores = scorer(g)
             for u, s in enumerate(scores.tolist()):
-                row = {"layer": g.layer, ("head" if kind == "heads" else "neuron"): u, "score": s, "method": method}
-                if kind == "heads":
+                row = {"layer": g.layer, ("head" if g.kind == "heads" else "neuron"): u, "score": s, "method": method}
+                if g.kind == "heads":
                     row["kv_head"] = u // g.group_size
-                rows.append(row)
+                rows[g.kind].append(row)
     finally:
         if scorer.needs == "gradients":
             for p in model.parameters():
                 p.grad = None  # free the gradients: the model is back to its inference footprint
         model.train(was_training)
-    frame = pd.DataFrame(rows)
-    order = ["layer", "head", "kv_head", "score", "method"] if kind == "heads" else ["layer", "neuron", "score",
-                                                                                       "method"]
-    return frame[order]
+    order = {"heads": ["layer", "head", "kv_head", "score", "method"], "neurons": ["layer", "neuron", "score", "method"]}
+    return {k: pd.DataFrame(rows[k])[order[k]] for k in kinds}
 
 
 # ------------------------------------------------------------------------------------------------ cache

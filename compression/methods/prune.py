@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from compression.models import Anatomy, LoadedModel, anatomy_from_config, parameter_counts
+from compression.models.families.processors import save_processor
 from compression.measure.whatif import HARDWARE, bytes_by_dtype, what_if  # noqa: F401 - re-exported: prune.what_if
 from compression.measure.whatif import _unpack
 
@@ -68,6 +69,8 @@ class Plan(BaseModel):
     scorer: str
     layer_range: tuple[int, int] | None = None
     notes: list[str] = Field(default_factory=list)
+    # what serving the result needs (``servability``): plain transformers or custom code, tensor-parallel sizes
+    servable: dict[str, Any] = Field(default_factory=dict)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
@@ -142,15 +145,45 @@ def head_configurations(heads: int, kv_heads: int) -> list[tuple[int, int]]:
                   key=lambda c: (c[0] * c[1], c[0]))
 
 
-def _heads_for(fraction_kept: float, heads: int, kv_heads: int) -> tuple[int, int]:
+def _heads_for(fraction_kept: float, heads: int, kv_heads: int,
+               allowed=lambda config: True) -> tuple[int, int]:
     target = fraction_kept * heads
     # nearest total; on a tie keep more KV groups (finer attention, the KV cache saving is small)
-    return min(head_configurations(heads, kv_heads), key=lambda c: (abs(c[0] * c[1] - target), -c[0]))
+    configs = [c for c in head_configurations(heads, kv_heads) if allowed(c)] or [(kv_heads, heads // kv_heads)]
+    return min(configs, key=lambda c: (abs(c[0] * c[1] - target), -c[0]))
 
 
-def _neurons_for(fraction_kept: float, neurons: int) -> int:
-    if neurons % NEURON_MULTIPLE == 0:
-        return max(NEURON_MULTIPLE, int(round(fraction_kept * neurons / NEURON_MULTIPLE)) * NEURON_MULTIPLE)
+TENSOR_PARALLEL = (2, 4, 8)
+
+
+def servability(anatomy: Anatomy, heads: list[int], kv: list[int], inter: list[int]) -> dict[str, Any]:
+    """Whether a model of these per-layer widths loads in plain transformers (no custom code) and which
+    tensor-parallel sizes its attention shards over (query and KV heads, and MLP neurons, divisible by it)."""
+    uniform = len(set(zip(heads, kv, inter))) == 1
+    plain = uniform and anatomy.hidden_size % heads[0] == 0
+    parallel = {str(t): all(h % t == 0 and k % t == 0 and m % t == 0 for h, k, m in zip(heads, kv, inter))
+                for t in TENSOR_PARALLEL}
+    return {"plain_transformers": plain,
+            "needs": "nothing beyond transformers" if plain else
+            "its modeling file (trust_remote_code=True): " + ("widths differ per layer" if not uniform else
+                                                              f"hidden {anatomy.hidden_size} is not a multiple of "
+                                                              f"{heads[0]} heads"),
+            "tensor_parallel": parallel}
+
+
+def _servable_heads(anatomy: Anatomy, heads: int, kv_heads: int):
+    """Head configurations a servable plan may use: the tensor-parallel sizes the model had, kept, and
+    ``hidden_size`` a multiple of the query heads (plain transformers' config check)."""
+    sizes = [t for t in TENSOR_PARALLEL if heads % t == 0 and kv_heads % t == 0]
+    return lambda c: (anatomy.hidden_size % (c[0] * c[1]) == 0
+                      and all((c[0] * c[1]) % t == 0 and c[0] % t == 0 for t in sizes))
+
+
+def _neurons_for(fraction_kept: float, neurons: int, multiple: int = NEURON_MULTIPLE) -> int:
+    """Neurons kept: the nearest multiple of ``multiple`` (else of 32, else any count) the layer allows."""
+    for m in dict.fromkeys((multiple, NEURON_MULTIPLE)):
+        if neurons % m == 0:
+            return max(m, int(round(fraction_kept * neurons / m)) * m)
     return max(1, int(round(fraction_kept * neurons)))
 
 
@@ -212,7 +245,8 @@ def _budget_ratio(counts: dict[str, int], model: nn.Module, anatomy: Anatomy, ra
 def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, ratio: float | None = None,
               target_mb: float | None = None, scores: pd.DataFrame | dict[str, pd.DataFrame] | None = None,
               layer_range: tuple[int, int] | None = None, target_dtype: str = "fp32",
-              scorer: str | None = None) -> Plan:
+              scorer: str | None = None, servable: bool = False,
+              neuron_multiple: int = NEURON_MULTIPLE) -> Plan:
     """Turn a budget into a plan.
 
     ``source``: a ``LoadedModel`` (weights or config-only) or ``(model, anatomy)``.
@@ -223,6 +257,11 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
     ``unit_importance``. Without scores, layer plans drop the deepest layers before the last
     (Gromov et al. 2024) and width plans keep the lowest indices (counts are exact either way).
     ``layer_range`` ``(start, stop)``: eligible layers (width default: first 3 and last whole).
+    ``neuron_multiple`` (width): kept MLP neurons per layer are a multiple of it where the layer's
+    width allows (default 32, what bitsandbytes nf4 on CPU needs; 64 / 128 suit GEMM tiles).
+    ``servable``: width plans prune every layer alike (one width: plain transformers loads it, no custom
+    code) and keep the tensor-parallel sizes (2, 4, 8) the model's head, KV-head and neuron counts divide
+    by. Every plan says what serving it needs in ``plan.servable`` (``servability``).
     Raises ``ValueError`` (one line, with the reason) for infeasible budgets.
     """
     model, anatomy = _unpack(source)
@@ -232,9 +271,19 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
     wanted, is_floor = _budget_ratio(counts, model, anatomy, ratio, target_mb, target_dtype)
     costs = layer_costs(model, anatomy)
     if method == "layer":
-        return _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
+        plan = _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
                             layer_range, scorer)
-    return _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range, scorer)
+    else:
+        if neuron_multiple < 1 or neuron_multiple % NEURON_MULTIPLE:
+            raise ValueError(f"neuron_multiple {neuron_multiple} must be a positive multiple of {NEURON_MULTIPLE}")
+        if servable and layer_range is not None and tuple(layer_range) != (0, anatomy.num_layers):
+            raise ValueError(f"a servable width plan prunes every layer alike; layer range {tuple(layer_range)} leaves "
+                             f"some whole (expected none, or (0, {anatomy.num_layers}))")
+        plan = _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
+                           (0, anatomy.num_layers) if servable else layer_range, scorer, servable, neuron_multiple)
+    plan.servable = servability(anatomy, plan.widths_after["num_attention_heads"],
+                                plan.widths_after["num_key_value_heads"], plan.widths_after["intermediate_size"])
+    return plan
 
 
 def _choose(achieved: list[float], wanted: float, is_floor: bool) -> int | None:
@@ -292,26 +341,38 @@ def _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_
                 notes=[f"removes {k} of {n} decoder layers; layer_idx renumbered for the KV cache"])
 
 
-def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float):
+def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float, heads_prunable: bool = True,
+                  servable: Anatomy | None = None, neuron_multiple: int = NEURON_MULTIPLE):
     """Per eligible layer: (head config, neurons kept), and the parameters removed."""
     chosen, cut = {}, 0
     for i in eligible:
         c = costs[i]
-        k, g = _heads_for(1 - fraction_removed, c.heads, c.kv_heads)
-        m = _neurons_for(1 - fraction_removed, c.neurons)
+        allowed = _servable_heads(servable, c.heads, c.kv_heads) if servable else (lambda config: True)
+        k, g = (_heads_for(1 - fraction_removed, c.heads, c.kv_heads, allowed) if heads_prunable
+                else (c.kv_heads, c.heads // c.kv_heads))
+        m = _neurons_for(1 - fraction_removed, c.neurons, neuron_multiple)
+        if servable:
+            sizes = [t for t in TENSOR_PARALLEL if c.neurons % t == 0]
+            while m > 1 and any(m % t for t in sizes):
+                m -= 1
         chosen[i] = ((k, g), m)
         cut += (c.heads - k * g) * c.per_head + (c.kv_heads - k) * c.per_kv_head + (c.neurons - m) * c.per_neuron
     return chosen, cut
 
 
 def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range,
-                scorer) -> Plan:
+                scorer, servable: bool = False, neuron_multiple: int = NEURON_MULTIPLE) -> Plan:
     n = anatomy.num_layers
     start, stop = _check_range(layer_range or default_layer_range(n), n, "width")
     eligible = list(range(start, stop))
     language = counts["language"]
     fractions = np.linspace(0, 0.995, 400)
-    candidates = [_width_counts(costs, eligible, f) for f in fractions]
+    if anatomy.fused:
+        raise ValueError(f"width pruning of {anatomy.language_model_type} is not supported: its projections "
+                         f"{', '.join(anatomy.fused)} are fused; use layerwise pruning")
+    candidates = [_width_counts(costs, eligible, f, anatomy.heads_prunable, anatomy if servable else None,
+                                neuron_multiple)
+                  for f in fractions]
     achieved = [cut / language for _, cut in candidates]
     what = _describe(ratio, target_mb)
     best = max(achieved)
@@ -346,7 +407,13 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
         scorer = "/".join(methods) if methods else "none (lowest indices kept)"
     notes = [f"same fraction removed in every layer of [{start}, {stop}); heads kept as whole KV groups "
              "with the same query heads per group (GQA)"]
-    if all(c.neurons % NEURON_MULTIPLE == 0 for c in costs):
+    if not anatomy.heads_prunable:
+        notes.append(f"attention heads kept: the {anatomy.language_model_type} attention derives head_dim from "
+                     "hidden_size / num_attention_heads, so fewer heads would not load; MLP neurons only")
+    if all(c.neurons % neuron_multiple == 0 for c in costs):
+        notes.append(f"neuron counts rounded to multiples of {neuron_multiple}"
+                     + (" (bitsandbytes nf4 on CPU needs it)" if neuron_multiple == NEURON_MULTIPLE else ""))
+    elif all(c.neurons % NEURON_MULTIPLE == 0 for c in costs):
         notes.append(f"neuron counts rounded to multiples of {NEURON_MULTIPLE} (bitsandbytes nf4 on CPU needs it)")
     if scores is not None and len(names) < 2:
         notes.append(f"only {', '.join(names) or 'no'} scores given; the rest keep the lowest indices")
@@ -382,10 +449,33 @@ def _head_rows(heads: list[int], head_dim: int, device) -> torch.Tensor:
     return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long, device=device)
 
 
+def _slice_head_norm(attn: nn.Module, name: str, head_dim: int, rows_by_heads: dict[int, torch.Tensor]) -> None:
+    """A per-head q/k norm: one of ``head_dim`` is shared by every head and stays; one of ``heads * head_dim``
+    belongs to the heads and keeps the rows of those kept."""
+    norm = getattr(attn, name)
+    weight = getattr(norm, "weight", None)
+    if weight is None or weight.numel() == head_dim:
+        return
+    heads = weight.numel() // head_dim
+    if weight.numel() % head_dim or heads not in rows_by_heads:
+        raise ValueError(f"{name} has {weight.numel()} weights; expected head_dim {head_dim} or a multiple "
+                         f"matching the heads ({sorted(rows_by_heads)})")
+    rows = rows_by_heads[heads]
+    norm.weight = nn.Parameter(weight.detach().index_select(0, rows).clone(), requires_grad=weight.requires_grad)
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (len(rows),)
+
+
 def _prune_layer_width(layer: nn.Module, anatomy: Anatomy, i: int, heads: list[int] | None,
                        kv_heads: list[int] | None, neurons: list[int] | None) -> None:
     hd = anatomy.head_dim
     attn, mlp = layer.get_submodule(anatomy.attention), layer.get_submodule(anatomy.mlp)
+    if anatomy.fused:
+        raise ValueError(f"width pruning of {anatomy.language_model_type} is not supported: its projections "
+                         f"{', '.join(anatomy.fused)} are fused; use layerwise pruning")
+    if heads is not None and not anatomy.heads_prunable and len(heads) != anatomy.heads_per_layer[i]:
+        raise ValueError(f"layer {i}: the {anatomy.language_model_type} attention derives head_dim from the head "
+                         "count, so its heads cannot be pruned; prune MLP neurons only")
     if heads is not None:
         n_heads, n_kv = anatomy.heads_per_layer[i], anatomy.kv_heads_per_layer[i]
         group = n_heads // n_kv
@@ -403,6 +493,8 @@ def _prune_layer_width(layer: nn.Module, anatomy: Anatomy, i: int, heads: list[i
         setattr(attn, anatomy.k_proj, _sliced_linear(getattr(attn, anatomy.k_proj), rows=kv_rows))
         setattr(attn, anatomy.v_proj, _sliced_linear(getattr(attn, anatomy.v_proj), rows=kv_rows))
         setattr(attn, anatomy.o_proj, _sliced_linear(getattr(attn, anatomy.o_proj), cols=q_rows))
+        for name in anatomy.head_norms:
+            _slice_head_norm(attn, name, hd, {n_heads: q_rows, n_kv: kv_rows})
         attn.num_key_value_groups = len(heads) // len(kv_heads)  # read by repeat_kv / SDPA's GQA path
     if neurons is not None:
         neurons = sorted(neurons)
@@ -439,13 +531,14 @@ def _sync_config(model: nn.Module, anatomy: Anatomy) -> None:
     """Write the real per-layer widths into the config: plain fields when uniform, else ``pruned_widths``.
 
     Non-uniform (or uniform but failing transformers' ``hidden_size % num_attention_heads == 0``
-    check) models become ``LlavaPrunedForConditionalGeneration``: the config object's class is
-    swapped in place, so every submodule that holds a reference to it sees the change.
+    check) models become their family's pruned class (LLaVA: ``LlavaPrunedForConditionalGeneration``):
+    the config object's class is swapped in place, so every submodule that holds a reference to it
+    sees the change; a uniform model goes back to the family's stock class.
     """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from compression.models import families
+    from compression.models.pruned import pruned_classes
 
-    from compression.models.pruned import LlavaPrunedConfig, LlavaPrunedForConditionalGeneration
-
+    family = families.family_for(model.config)
     text = model.config.text_config
     heads, kv, inter = [], [], []
     for layer in anatomy.decoder_layers(model):
@@ -459,14 +552,19 @@ def _sync_config(model: nn.Module, anatomy: Anatomy) -> None:
         text.num_attention_heads, text.num_key_value_heads, text.intermediate_size = heads[0], kv[0], inter[0]
         if hasattr(text, "pruned_widths"):
             del text.pruned_widths
-        if isinstance(model, LlavaPrunedForConditionalGeneration):
-            model.config.__class__ = LlavaConfig
-            model.__class__ = LlavaForConditionalGeneration
+        if model.config.model_type == family.pruned_model_type:
+            model.config.__class__ = family.transformers_class("config")
+            model.__class__ = family.transformers_class("model")
         return
+    config_class, model_class = pruned_classes(family)
     text.pruned_widths = {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter}
-    if not isinstance(model.config, LlavaPrunedConfig):
-        model.config.__class__ = LlavaPrunedConfig
-        model.__class__ = LlavaPrunedForConditionalGeneration
+    if family.model_type != "llava":  # the generic pruned class finds the layers and projections by these names
+        text.pruned_widths.update(layers=anatomy.layers, attention=[anatomy.q_proj, anatomy.k_proj, anatomy.v_proj,
+                                                                    anatomy.o_proj],
+                                  mlp=[anatomy.gate_proj, anatomy.up_proj, anatomy.down_proj])
+    if not isinstance(model.config, config_class):
+        model.config.__class__ = config_class
+        model.__class__ = model_class
     _forget_legacy_key_mapping(model)
 
 
@@ -511,8 +609,8 @@ def prune(loaded: LoadedModel, plan: Plan) -> LoadedModel:
 def save_pruned(model: nn.Module, processor: Any, out_dir: str | Path, plan: Plan | None = None) -> Path:
     """Write a Hugging Face folder; nothing is visible at ``out_dir`` until it is complete.
 
-    Uniform widths: a plain ``llava`` config (``LlavaForConditionalGeneration.from_pretrained``).
-    Non-uniform: ``model_type: "llava_pruned"`` plus ``configuration_llava_pruned.py`` /
+    Uniform widths: the family's own config (``AutoModelForImageTextToText.from_pretrained``).
+    Non-uniform (LLaVA): ``model_type: "llava_pruned"`` plus ``configuration_llava_pruned.py`` /
     ``modeling_llava_pruned.py`` and ``auto_map`` (``from_pretrained(..., trust_remote_code=True)``).
     ``plan`` (optional) is written beside it as ``pruning_plan.json``.
     """
@@ -522,14 +620,14 @@ def save_pruned(model: nn.Module, processor: Any, out_dir: str | Path, plan: Pla
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    from compression.models.pruned import LlavaPrunedForConditionalGeneration
+    from compression.models import families
 
-    if isinstance(model, LlavaPrunedForConditionalGeneration):
+    if model.config.model_type == families.family_for(model.config).pruned_model_type:
         _forget_legacy_key_mapping(model)
     try:
         model.save_pretrained(tmp)
         if processor is not None:
-            processor.save_pretrained(tmp)
+            save_processor(processor, tmp)
         if plan is not None:
             (tmp / "pruning_plan.json").write_text(plan.to_json())
         if out.exists():

@@ -28,13 +28,15 @@ import torch
 from torch import nn
 
 from compression.models import Anatomy
+from compression.models.families.processors import save_processor
 # loading-time helpers live with the loader; re-exported here for the quantization API
 from compression.models.bnb_cpu import (CPU_NF4_BLOCK_N, NF4_BLOCK_SIZE, nf4_cpu_kernel_fits,  # noqa: F401
                                         prepare_bnb_for_cpu)
 
 QuantFormat = Literal["int8", "nf4"]
 FORMATS: tuple[str, ...] = ("int8", "nf4")
-# Not quantized: transformers' bnb integration matches these as prefixes of module names.
+# Not quantized (LLaVA's names; other families' come from their description, ``Anatomy.skip_quantization``):
+# transformers' bnb integration matches these as prefixes of module names.
 SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
@@ -61,15 +63,19 @@ def _is_bnb_linear(module: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------------ real (bitsandbytes)
 
-def bnb_config(fmt: QuantFormat):
-    """The ``BitsAndBytesConfig`` matching ``quantize_model(fmt)``; written into the saved config."""
+def bnb_config(fmt: QuantFormat, skip: list[str] | None = None):
+    """The ``BitsAndBytesConfig`` matching ``quantize_model(fmt)``; written into the saved config.
+
+    ``skip``: module-name prefixes kept in floating point (the vision tower, projector(s) and ``lm_head``
+    of the model's family; default LLaVA's)."""
     from transformers import BitsAndBytesConfig
 
     _check_format(fmt)
+    skip = list(skip or SKIP_MODULES)
     if fmt == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=list(SKIP_MODULES))
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                              bnb_4bit_use_double_quant=False, llm_int8_skip_modules=list(SKIP_MODULES))
+                              bnb_4bit_use_double_quant=False, llm_int8_skip_modules=skip)
 
 
 def _to_bnb(linear: nn.Linear, fmt: QuantFormat) -> nn.Module:
@@ -112,7 +118,7 @@ def quantize_model(model: nn.Module, anatomy: Anatomy, fmt: QuantFormat = "int8"
         setattr(parent, attribute, _to_bnb(linear, fmt))
     if fmt == "nf4":
         prepare_bnb_for_cpu(model)
-    model.config.quantization_config = bnb_config(fmt)
+    model.config.quantization_config = bnb_config(fmt, anatomy.skip_quantization)
     return model
 
 
@@ -146,13 +152,13 @@ def save_quantized(model: nn.Module, processor, out_dir: str | Path, fmt: QuantF
     try:
         model.save_pretrained(tmp)
         if processor is not None:
-            processor.save_pretrained(tmp)
+            save_processor(processor, tmp)
         note = {"format": fmt, "library": "bitsandbytes", "bitsandbytes_version": bnb.__version__,
                 "quantized_modules": "decoder linear layers (attention q/k/v/o, MLP); vision tower, projector, "
                                      "embeddings and lm_head in floating point",
                 "loads_on": "CPU (bitsandbytes >= 0.45 CPU backend) or CUDA GPU; transformers reads "
                             "quantization_config from config.json",
-                "how_to_load": "compression.models.load(folder) or LlavaForConditionalGeneration.from_pretrained(folder)"}
+                "how_to_load": "compression.models.load(folder) or AutoModelForImageTextToText.from_pretrained(folder)"}
         (tmp / "quantization.json").write_text(json.dumps(note, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -200,9 +200,11 @@ def prepare_trainable(model: nn.Module, anatomy: Anatomy, mode: Mode, lora_r: in
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                             target_modules=lora_target_pattern(anatomy), bias="none")
         model = get_peft_model(model, config)
-        model.base_model.model.get_submodule(anatomy.projector).requires_grad_(True)
+        for p in anatomy.projector_parameters(model.base_model.model):
+            p.requires_grad_(True)
         return model
-    model.get_submodule(anatomy.projector).requires_grad_(True)
+    for p in anatomy.projector_parameters(model):  # the family's projector / merger (Qwen: inside the vision tower)
+        p.requires_grad_(True)
     if mode == "full":
         model.get_submodule(anatomy.language_model).requires_grad_(True)
         model.get_submodule(anatomy.lm_head).requires_grad_(True)

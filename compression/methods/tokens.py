@@ -16,12 +16,16 @@ Where scores are taken: ``layer=None`` is the projector output (what QAPruner sc
 is the hidden state *entering* decoder layer ``L`` (layer 0 = the input embeddings), and the
 attention score is then read inside that same layer.
 
-Pruning at inference, without editing transformers: image features come from
-``model.model.get_image_features``; the kept image tokens (in their original order) replace the
-``<image>`` placeholders and the dropped placeholders are removed from the sequence and from the
-attention mask; ``model.generate(inputs_embeds=..., attention_mask=...)`` then runs. Left padding stays
-left padding: every row has the same number of image tokens, so every row loses the same number of
-positions and the batch stays rectangular.
+Pruning at inference, without editing transformers, for every family (``compression.models.families``):
+image features come from ``model.model.get_image_features`` with the family's own inputs (``image_sizes``,
+``image_grid_thw``, ``pixel_attention_mask``...); the kept image tokens (in their original order) replace the
+image placeholders (``image_token_index`` of the description) and the dropped placeholders are removed from
+the sequence, the attention mask and what else the language model reads per token: Gemma 3 / PaliGemma
+``token_type_ids`` (their image and prefix masks), Qwen's 3-D M-RoPE ``position_ids`` (computed on the dense
+sequence, then indexed), Qwen3-VL's DeepStack features (added back at the kept tokens after decoder layers
+``0..k-1`` by hooks); ``model.generate(inputs_embeds=..., attention_mask=...)`` then runs. Left padding stays
+left padding. Rows with different visual-token counts (any-res, tiles, native resolution) are scored in
+groups of equal count and left-padded to one length.
 
 **Positions** (``positions=``): ``"original"`` (default) passes each kept token's position id from the
 dense sequence (gaps where tokens were dropped, as FastV keeps them), and generate continues from the
@@ -33,16 +37,17 @@ W4A4 both gave 61.6 % (benchmarks/results/tokens.md), so it is never worse in wh
 """
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
 
 import torch
 from PIL import Image
 from torch import nn
 
-from compression.models import Anatomy, LoadedModel, anatomy_from_config
+from compression.models import Anatomy, LoadedModel, anatomy_from_config, families
 
 Scorer = Literal["none", "semantic", "outlier", "hybrid", "random"]
 SemanticSource = Literal["attention", "similarity"]
@@ -117,69 +122,191 @@ def _check_alpha(alpha: float) -> None:
 
 # ------------------------------------------------------------------------------------------ model access
 
-def visual_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projector output for a batch of images, ``[B, N, D]`` (CLS already dropped by the model's strategy)."""
-    out = model.model.get_image_features(pixel_values=pixel_values)
+def _anatomy(model: nn.Module, anatomy: Anatomy | None = None) -> Anatomy:
+    return anatomy or anatomy_from_config(model.config)
+
+
+def _image_feature_kwargs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The processor outputs ``get_image_features`` takes besides ``pixel_values`` (image_sizes, image_grid_thw,
+    pixel_attention_mask, batch_num_images: whatever this family's signature names)."""
+    names = inspect.signature(model.model.get_image_features).parameters
+    return {k: v for k, v in inputs.items() if k in names and k not in ("pixel_values", "input_ids", "attention_mask")}
+
+
+def _image_outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Every visual token of the batch, in placement order ``[T, D]`` (what fills the image placeholders,
+    row by row), and Qwen3-VL's DeepStack features ``[T, D]`` per injection layer (empty elsewhere)."""
+    out = model.model.get_image_features(pixel_values=inputs["pixel_values"], **_image_feature_kwargs(model, inputs))
     feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    if isinstance(feats, (list, tuple)):
-        feats = torch.stack(list(feats))
-    return feats
+    deepstack = [_flat(d) for d in (getattr(out, "deepstack_features", None) or [])]
+    return _flat(feats), deepstack
+
+
+def _flat(features) -> torch.Tensor:
+    """``[T, D]`` from a tensor ``[..., D]`` or a list of per-image tensors."""
+    if isinstance(features, (list, tuple)):
+        return torch.cat([_flat(f) for f in features])
+    return features.reshape(-1, features.shape[-1])
+
+
+def visual_features(model: nn.Module, pixel_values: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """Projector output ``[B, N, D]`` for a batch of images of one visual-token count (CLS already dropped by
+    the model's strategy). ``pixel_values`` may be the processor's whole output (families needing image_sizes,
+    image_grid_thw, ...)."""
+    inputs = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
+    flat, _ = _image_outputs(model, inputs)
+    images = inputs["pixel_values"].shape[0] if "image_grid_thw" not in inputs else inputs["image_grid_thw"].shape[0]
+    return flat.view(images, -1, flat.shape[-1])
 
 
 @dataclass
 class MergedInputs:
-    """The dense multimodal sequence, as LLaVA builds it internally."""
+    """The dense multimodal sequence, as the model builds it internally (one image per prompt, or per row
+    the same number of visual tokens).
+
+    ``extras`` are the inputs the language model needs besides embeddings and mask, aligned with the
+    sequence (Gemma's ``token_type_ids`` ``[B, L]``; Qwen's M-RoPE ``position_ids`` ``[3, B, L]``, computed on
+    this dense sequence); ``deepstack`` holds Qwen3-VL's features to add at the visual positions after
+    decoder layer ``k`` (``[B, N, D]`` each)."""
 
     inputs_embeds: torch.Tensor  # [B, L, D]
     attention_mask: torch.Tensor  # [B, L]
     image_positions: torch.Tensor  # [B, N] sequence index of each visual token, in order
     question_mask: torch.Tensor  # [B, L] True on the text tokens after the image (question and template)
     features: torch.Tensor  # [B, N, D] projector output
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    deepstack: list[torch.Tensor] = field(default_factory=list)
 
 
-def merge_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> MergedInputs:
-    """Embed the text and put the projector output at the ``<image>`` placeholders."""
+def _dense(model: nn.Module, inputs: dict[str, torch.Tensor], anatomy: Anatomy):
+    """Embeddings with the visual tokens in place, for the whole batch, and what goes with them."""
     input_ids = inputs["input_ids"]
     attention_mask = inputs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    features = visual_features(model, inputs["pixel_values"])
+    flat, deepstack = _image_outputs(model, inputs)
     embeds = model.get_input_embeddings()(input_ids)
-    features = features.to(embeds.dtype)
-    image_mask = input_ids == model.config.image_token_index
-    batch, num_visual = features.shape[:2]
-    per_row = image_mask.sum(-1)
-    if not bool((per_row == num_visual).all()):
-        raise ValueError(f"each prompt must hold exactly {num_visual} <image> tokens (one image per prompt); "
-                         f"found {per_row.tolist()}")
-    embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
-    image_positions = image_mask.nonzero()[:, 1].view(batch, num_visual)
-    after_image = torch.arange(input_ids.shape[1], device=input_ids.device) > image_positions[:, -1:]
-    return MergedInputs(embeds, attention_mask, image_positions, after_image & attention_mask.bool(), features)
+    image_mask = input_ids == anatomy.image_token_index
+    if int(image_mask.sum()) != flat.shape[0]:
+        raise ValueError(f"the prompts hold {int(image_mask.sum())} image tokens and the images give {flat.shape[0]} "
+                         "visual tokens; expected one image placeholder per image, expanded by the processor")
+    embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), flat.to(embeds.dtype))
+    extras: dict[str, torch.Tensor] = {}
+    if "token_type_ids" in anatomy.forward_kwargs and "token_type_ids" in inputs:
+        extras["token_type_ids"] = inputs["token_type_ids"]
+    if families.family_for(model.config).positions == "mrope":
+        # computed on the full sequence: dropping tokens first would shift every later image's grid positions
+        extras["position_ids"], _ = model.model.get_rope_index(
+            input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=attention_mask)
+    return embeds, attention_mask, image_mask, flat.to(embeds.dtype), extras, [d.to(embeds.dtype) for d in deepstack]
+
+
+def _merged(embeds, mask, image_mask, flat, extras, deepstack, rows) -> MergedInputs:
+    """The ``MergedInputs`` of the batch rows ``rows`` (all of one visual-token count)."""
+    counts = image_mask.sum(-1)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    n = int(counts[rows[0]])
+    take = torch.cat([torch.arange(int(offsets[r]), int(offsets[r]) + n) for r in rows])
+    index = torch.tensor(rows, device=embeds.device)
+    positions = image_mask[index].nonzero()[:, 1].view(len(rows), n)
+    sub_mask = mask[index]
+    after_image = torch.arange(embeds.shape[1], device=embeds.device) > positions[:, -1:]
+    sub_extras = {k: (v[:, index] if k == "position_ids" else v[index]) for k, v in extras.items()}
+    return MergedInputs(embeds[index], sub_mask, positions, after_image & sub_mask.bool(),
+                        flat[take].view(len(rows), n, -1), sub_extras, [d[take].view(len(rows), n, -1) for d in deepstack])
+
+
+def merge_inputs(model: nn.Module, inputs: dict[str, torch.Tensor], anatomy: Anatomy | None = None) -> MergedInputs:
+    """Embed the text and put the projector output at the image placeholders (every row must hold the same
+    number of visual tokens; ``prune_visual_tokens`` handles batches whose rows differ)."""
+    anatomy = _anatomy(model, anatomy)
+    dense = _dense(model, inputs, anatomy)
+    counts = dense[2].sum(-1)
+    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+        raise ValueError(f"each prompt must hold the same number of visual tokens (one image per prompt); "
+                         f"found {counts.tolist()}")
+    return _merged(*dense, list(range(len(counts))))
+
+
+def _row_groups(image_mask: torch.Tensor) -> list[list[int]]:
+    """Batch rows grouped by their visual-token count (variable-count families give different counts)."""
+    groups: dict[int, list[int]] = {}
+    for r, n in enumerate(image_mask.sum(-1).tolist()):
+        groups.setdefault(int(n), []).append(r)
+    if 0 in groups:
+        raise ValueError(f"batch rows {groups[0]} hold no image; visual-token pruning needs one image per prompt")
+    return list(groups.values())
 
 
 @contextmanager
-def _eager_attention(language_model: nn.Module) -> Iterator[None]:
-    # sdpa never materialises attention probabilities; eager does, and returns them from each attention module
-    config = language_model.config
-    previous = config._attn_implementation
-    config._attn_implementation = "eager"
+def _deepstack_injection(model: nn.Module, anatomy: Anatomy, rows: torch.Tensor, cols: torch.Tensor,
+                         deepstack: list[torch.Tensor], length: int) -> Iterator[None]:
+    """Qwen3-VL adds DeepStack features to the visual positions' hidden states after decoder layers
+    ``0..k-1`` (``Qwen3VLTextModel._deepstack_process``); given ``inputs_embeds`` the model cannot, so hooks
+    do it at ``(rows, cols)`` (``deepstack[k]`` ``[T, D]``), on the prefill pass only (a pass of ``length``
+    tokens; decode steps carry no visual tokens)."""
+    if not deepstack:
+        yield
+        return
+    layers = anatomy.decoder_layers(model)
+    handles = []
+
+    def hook(k):
+        def fn(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[1] != length:
+                return output
+            hidden = hidden.index_put((rows, cols), deepstack[k].to(hidden.dtype), accumulate=True)
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+        return fn
+
+    for k in range(min(len(deepstack), len(layers))):
+        handles.append(layers[k].register_forward_hook(hook(k)))
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        for h in handles:
+            h.remove()
+
+
+def _merged_deepstack(merged: MergedInputs):
+    batch, n = merged.image_positions.shape
+    rows = torch.arange(batch, device=merged.image_positions.device).repeat_interleave(n)
+    return rows, merged.image_positions.reshape(-1), [d.reshape(-1, d.shape[-1]) for d in merged.deepstack]
+
+
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    # sdpa never materialises attention probabilities; eager does, and returns them from each attention module.
+    # Every config of the model is switched: the masks are built from the text config, the attention reads its own.
+    configs = [c for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values()]
+    previous = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for c, p in zip(configs, previous):
+            c._attn_implementation = p
+
+
+def _language_kwargs(merged: MergedInputs) -> dict[str, torch.Tensor]:
+    return {"inputs_embeds": merged.inputs_embeds, "attention_mask": merged.attention_mask, **merged.extras}
 
 
 @torch.no_grad()
 def probe_layer(model: nn.Module, anatomy: Anatomy, merged: MergedInputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states entering decoder ``layer`` ``[B, L, D]`` and that layer's attention ``[B, H, L, L]``.
 
-    Runs the language model only up to ``layer`` (the later layers are detached for the call).
+    Runs the model's own forward (its masks: Gemma's bidirectional image blocks; its positions: Qwen's
+    M-RoPE) on the merged embeddings, with the layers after ``layer`` detached for the call.
     """
     layers = anatomy.decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer {layer} is out of range; expected 0..{len(layers) - 1} (decoder layers)")
     language_model = model.get_submodule(anatomy.language_model)
+    base = model.get_submodule(anatomy.language_model.rpartition(".")[0])  # the VLM body: builds masks, positions
     captured: dict[str, torch.Tensor] = {}
 
     def keep_input(module, args, kwargs):
@@ -193,8 +320,9 @@ def probe_layer(model: nn.Module, anatomy: Anatomy, merged: MergedInputs, layer:
     attribute = anatomy.layers.rsplit(".", 1)[-1]
     try:
         setattr(language_model, attribute, nn.ModuleList(list(layers)[:layer + 1]))
-        with _eager_attention(language_model):
-            language_model(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, use_cache=False)
+        with _eager_attention(model), _deepstack_injection(model, anatomy, *_merged_deepstack(merged),
+                                                            merged.inputs_embeds.shape[1]):
+            base(**_language_kwargs(merged), use_cache=False)
     finally:
         setattr(language_model, attribute, layers)
         for h in hooks:
@@ -228,14 +356,21 @@ def _default_layer(anatomy: Anatomy) -> int:
 
 # ------------------------------------------------------------------------------------------ analysis (the maps)
 
-def _grid_shape(anatomy: Anatomy, num_visual: int) -> tuple[int, int, int]:
-    """``(rows, cols, skip)``: the patch grid and how many leading tokens (a kept CLS) lie outside it."""
+def _grid_shape(anatomy: Anatomy, num_visual: int, grid: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """``(rows, cols, skip)``: the patch grid and how many leading tokens (a kept CLS) lie outside it.
+
+    ``grid``: the image's merged-patch grid when the family reports one (Qwen's ``image_grid_thw``)."""
+    if grid is not None and grid[0] * grid[1] == num_visual:
+        return grid[0], grid[1], 0
     side = anatomy.image_size // anatomy.patch_size
     if num_visual == side * side:
         return side, side, 0
     if num_visual == side * side + 1:
         return side, side, 1
-    return 1, num_visual, 0  # not a square patch grid (e.g. a pooling projector): one row
+    root = math.isqrt(num_visual)
+    if root * root == num_visual:  # a pooled square grid (Gemma 3's 256 = 16 x 16)
+        return root, root, 0
+    return 1, num_visual, 0  # tiles, newline tokens, pixel shuffle: one row
 
 
 @torch.no_grad()
@@ -259,7 +394,13 @@ def analyze_tokens(loaded: LoadedModel, image: Image.Image, question: str, layer
             raise ValueError(f"{name} {value} is out of range; expected 0..{anatomy.num_layers - 1} (decoder layers)")
     read_at = layer if layer is not None else (attention_layer if attention_layer is not None else _default_layer(anatomy))
     device = next(model.parameters()).device
-    merged = merge_inputs(model, question_inputs(loaded.prompt, [image], [question]).to(device))
+    inputs = question_inputs(loaded.prompt, [image], [question]).to(device)
+    merged = merge_inputs(model, inputs, anatomy)
+    grid = None
+    if "image_grid_thw" in inputs:  # Qwen: (t, h, w) patches, merged spatial_merge_size x spatial_merge_size
+        merge = model.config.vision_config.spatial_merge_size
+        _, h, w = inputs["image_grid_thw"][0].tolist()
+        grid = (h // merge, w // merge)
     hidden, attention = probe_layer(model, anatomy, merged, read_at)
     if layer is None:
         visual, context = merged.features, merged.inputs_embeds
@@ -273,7 +414,7 @@ def analyze_tokens(loaded: LoadedModel, image: Image.Image, question: str, layer
         "semantic_attention": last_token_attention(attention, merged.image_positions),
     }
     scores["hybrid"] = hybrid_score(scores["semantic_attention"], scores["quant_score"], alpha)
-    rows, cols, skip = _grid_shape(anatomy, visual.shape[1])
+    rows, cols, skip = _grid_shape(anatomy, visual.shape[1], grid)
     payload = {"kind": "tokens", "method": "qapruner", "layer": layer, "attention_layer": read_at, "alpha": alpha,
                "where": "projector output" if layer is None else f"input of decoder layer {layer}",
                "visual_tokens": int(visual.shape[1]), "hidden_size": int(visual.shape[-1]),
@@ -329,13 +470,18 @@ class TokenPruningConfig:
 
 @dataclass
 class PrunedInputs:
+    """The sequence with only the kept visual tokens. Rows whose visual-token counts differ (variable-count
+    families) are left-padded to one length; ``kept`` is then a list of per-row index tensors."""
+
     inputs_embeds: torch.Tensor  # [B, L - N + k, D]
     attention_mask: torch.Tensor  # [B, L - N + k]
-    kept: torch.Tensor  # [B, k] indices (0..N-1) of the kept visual tokens, ascending
-    position_ids: torch.Tensor | None = None  # [B, L - N + k] when positions="original"
+    kept: torch.Tensor | list[torch.Tensor]  # [B, k] indices (0..N-1) of the kept visual tokens, ascending
+    position_ids: torch.Tensor | None = None  # [B, L - N + k] when positions="original" ([3, B, ...] for M-RoPE)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # token_type_ids, sliced like the sequence
+    deepstack: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None  # rows, cols, features (Qwen3-VL)
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
-        kwargs = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
+        kwargs = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask, **self.extras}
         if self.position_ids is not None:
             kwargs["position_ids"] = self.position_ids
         return kwargs
@@ -368,26 +514,95 @@ def select_tokens(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.topk(scores, keep, dim=-1).indices.sort(-1).values
 
 
+def _left_pad(rows: list[torch.Tensor], value=0) -> torch.Tensor:
+    """Stack per-row tensors ``[L_b, ...]`` into ``[B, max L, ...]``, padding on the left."""
+    length = max(r.shape[0] for r in rows)
+    return torch.stack([torch.cat([r.new_full((length - r.shape[0], *r.shape[1:]), value), r]) for r in rows])
+
+
 @torch.no_grad()
 def prune_visual_tokens(model: nn.Module, inputs: dict[str, torch.Tensor], config: TokenPruningConfig,
                         generator: torch.Generator | None = None) -> PrunedInputs:
-    """``inputs_embeds`` and ``attention_mask`` holding only the kept visual tokens (see the module docstring)."""
-    merged = merge_inputs(model, inputs)
-    batch, num_visual = merged.image_positions.shape
-    keep = keep_count(num_visual, config.keep_ratio)
-    kept = select_tokens(score_visual_tokens(model, merged, config, generator), keep)
-    sequence_keep = torch.ones_like(merged.attention_mask, dtype=torch.bool)
-    sequence_keep.scatter_(1, merged.image_positions, False)
-    sequence_keep.scatter_(1, torch.gather(merged.image_positions, 1, kept), True)
-    length = sequence_keep.shape[1] - (num_visual - keep)
-    embeds = merged.inputs_embeds[sequence_keep].view(batch, length, -1)
-    mask = merged.attention_mask[sequence_keep].view(batch, length)
+    """``inputs_embeds`` and ``attention_mask`` holding only the kept visual tokens (see the module docstring).
+
+    Rows are scored in groups of equal visual-token count (all rows, for fixed-count families). What the
+    family's language model reads beside the embeddings is cut the same way: Gemma's ``token_type_ids``,
+    Qwen's M-RoPE ``position_ids`` (computed on the dense sequence, then indexed) and Qwen3-VL's DeepStack
+    features (added back at the kept tokens' new positions during generation).
+    """
+    anatomy = _anatomy(model)
+    mrope = families.family_for(model.config).positions == "mrope"
+    if mrope and config.positions == "contiguous":
+        raise ValueError("positions 'contiguous' is not defined for M-RoPE (Qwen-VL: 3-D image positions); "
+                         "expected positions 'original'")
+    dense = _dense(model, inputs, anatomy)
+    per_row: dict[int, dict] = {}
+    for rows in _row_groups(dense[2]):
+        merged = _merged(*dense, rows)
+        count, num_visual = merged.image_positions.shape
+        keep = keep_count(num_visual, config.keep_ratio)
+        kept = select_tokens(score_visual_tokens(model, merged, config, generator, anatomy), keep)
+        sequence_keep = torch.ones_like(merged.attention_mask, dtype=torch.bool)
+        sequence_keep.scatter_(1, merged.image_positions, False)
+        sequence_keep.scatter_(1, torch.gather(merged.image_positions, 1, kept), True)
+        if mrope:
+            dense_positions = merged.extras["position_ids"]  # [3, G, L]
+        else:  # the positions generate would give the dense sequence (left padding: cumulative sum of the mask)
+            dense_positions = (merged.attention_mask.long().cumsum(-1) - 1).masked_fill(merged.attention_mask == 0, 0)
+        new_index = sequence_keep.long().cumsum(-1) - 1  # position of each kept token in the shortened sequence
+        kept_positions = torch.gather(merged.image_positions, 1, kept)
+        for i, r in enumerate(rows):
+            keep_row = sequence_keep[i]
+            per_row[r] = {
+                "embeds": merged.inputs_embeds[i][keep_row], "mask": merged.attention_mask[i][keep_row], "kept": kept[i],
+                "positions": dense_positions[:, i][:, keep_row].T if mrope else dense_positions[i][keep_row],
+                "extras": {k: v[i][keep_row] for k, v in merged.extras.items() if k != "position_ids"},
+                "visual": new_index[i][kept_positions[i]], "deepstack": [d[i, kept[i]] for d in merged.deepstack]}
+    order = [per_row[r] for r in range(len(per_row))]
+    lengths = {len(o["mask"]) for o in order}
+    pad = max(lengths) - torch.tensor([len(o["mask"]) for o in order])
+    embeds, mask = _left_pad([o["embeds"] for o in order]), _left_pad([o["mask"] for o in order])
     position_ids = None
     if config.positions == "original":
-        # the positions generate would give the dense sequence (left padding: cumulative sum of the mask)
-        dense = (merged.attention_mask.long().cumsum(-1) - 1).masked_fill(merged.attention_mask == 0, 0)
-        position_ids = dense[sequence_keep].view(batch, length)
-    return PrunedInputs(embeds, mask, kept, position_ids)
+        position_ids = _left_pad([o["positions"] for o in order])
+        position_ids = position_ids.permute(2, 0, 1).contiguous() if mrope else position_ids
+    extras = {k: _left_pad([o["extras"][k] for o in order]) for k in order[0]["extras"]}
+    kept_all = [o["kept"] for o in order]
+    kept_out = torch.stack(kept_all) if len({len(k) for k in kept_all}) == 1 else kept_all
+    deepstack = None
+    if merged.deepstack:
+        rows_index = torch.cat([torch.full_like(o["visual"], b) for b, o in enumerate(order)])
+        cols_index = torch.cat([o["visual"] + int(pad[b]) for b, o in enumerate(order)])
+        features = [torch.cat([o["deepstack"][k] for o in order]) for k in range(len(merged.deepstack))]
+        deepstack = (rows_index, cols_index, features)
+    return PrunedInputs(embeds, mask, kept_out, position_ids, extras, deepstack)
+
+
+@contextmanager
+def injected(model: nn.Module, pruned: PrunedInputs) -> Iterator[None]:
+    """The context in which ``model`` runs (or generates) on ``pruned.model_kwargs()``: Qwen3-VL's DeepStack
+    features go back in at the kept visual tokens, and ``generate`` accepts ``inputs_embeds``.
+
+    transformers 5.23's ``generate`` refuses ``inputs_embeds`` when the model's ``prepare_inputs_for_generation``
+    does not name the argument, though Gemma 3's and PaliGemma's pass it on to the base implementation,
+    which handles it; for the call, the instance gets a wrapper that names it."""
+    prepare = model.prepare_inputs_for_generation
+    patched = "inputs_embeds" not in inspect.signature(prepare).parameters
+    if patched:
+        def prepare_inputs_for_generation(input_ids, inputs_embeds=None, **kwargs):
+            return prepare(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+        model.prepare_inputs_for_generation = prepare_inputs_for_generation
+    try:
+        if pruned.deepstack is None:
+            yield
+        else:
+            rows, cols, features = pruned.deepstack
+            with _deepstack_injection(model, _anatomy(model), rows, cols, features, pruned.inputs_embeds.shape[1]):
+                yield
+    finally:
+        if patched:
+            del model.prepare_inputs_for_generation
 
 
 def make_generate_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed: int = 0,
@@ -400,7 +615,8 @@ def make_generate_fn(keep_ratio: float, scorer: Scorer, alpha: float = 0.7, seed
     def generate_fn(model: nn.Module, inputs: dict, max_new_tokens: int) -> torch.Tensor:
         pruned = prune_visual_tokens(model, inputs, config, generator)
         # with inputs_embeds and no input_ids, generate returns only the new tokens
-        return model.generate(**pruned.model_kwargs(), max_new_tokens=max_new_tokens, do_sample=False)
+        with injected(model, pruned):
+            return model.generate(**pruned.model_kwargs(), max_new_tokens=max_new_tokens, do_sample=False)
 
     return generate_fn
 

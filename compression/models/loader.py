@@ -1,4 +1,4 @@
-"""One loader for every model source, and the model's *anatomy*.
+"""One loader for every model source; the model's *anatomy* comes from its family description.
 
 Sources (``load(source)``):
 
@@ -8,12 +8,11 @@ Sources (``load(source)``):
 - a ``config.json`` alone, or a shipped config name (``config:llava-1.5-7b``, ``config:bunny-v1.0-3b``):
   the model is built on the ``meta`` device, no weights, for what-if estimates only.
 
-The anatomy says where things are — vision tower, projector, decoder layers, attention
-q/k/v/o and MLP projections — and the sizes pruning needs (heads, KV heads, ``head_dim``,
-per-layer widths, visual tokens per image). It follows transformers' own field names.
-
-Supported: ``LlavaForConditionalGeneration`` with a Llama, Mistral, Qwen2, Phi or Gemma
-language model and a CLIP or SigLIP vision tower.
+The anatomy (``compression.models.anatomy``) says where things are — vision tower, projector, decoder
+layers, attention q/k/v/o and MLP projections — and the sizes pruning needs (heads, KV heads,
+``head_dim``, per-layer widths, visual tokens per image). It is built by the model's family description
+(``compression.models.families``, registered by ``model_type``); the model class and the processor
+(built without torchvision where the stock one needs it) come from there too.
 """
 from __future__ import annotations
 
@@ -27,105 +26,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from compression.models import families
+from compression.models.anatomy import Anatomy, ModelLoadError  # noqa: F401 - re-exported
+from compression.models.catalog import CONFIGS_PATH, REFERENCE_PATH, shipped_configs  # noqa: F401 - re-exported
+from compression.models.families import anatomy_from_config  # noqa: F401 - re-exported
+from compression.models.families.processors import load_processor as _family_processor
 from compression.paths import cache_dir
-from compression.models.reference import REFERENCE_PATH
 
-SUPPORTED_LANGUAGE = ("llama", "mistral", "qwen2", "phi", "gemma")
-SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
-CONFIGS_PATH = Path(__file__).resolve().parent.parent / "assets" / "configs"
 SourceKind = Literal["reference", "local", "hub", "config"]
-
-# Projection names per language backbone: attention q/k/v/o, MLP (gate, up, down); gate None = ungated.
-_ATTENTION = {"phi": ("q_proj", "k_proj", "v_proj", "dense")}
-_MLP = {"phi": (None, "fc1", "fc2")}
-_DEFAULT_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_DEFAULT_MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-class ModelLoadError(ValueError):
-    """The model source cannot be used; the message is one line naming the value and what was expected."""
-
-
-@dataclass
-class Anatomy:
-    """Where the parts of a LLaVA-style model live, and the sizes that structural pruning needs.
-
-    Module paths are dotted names relative to the ``LlavaForConditionalGeneration``.
-    Per-layer lists (``heads_per_layer`` …) have one entry per decoder layer; they differ from
-    layer to layer only in a non-uniformly pruned model.
-    """
-
-    language_model_type: str
-    vision_model_type: str
-    vision_tower: str
-    projector: str
-    language_model: str
-    layers: str
-    lm_head: str
-    embed_tokens: str
-    attention: str  # attribute of a decoder layer
-    mlp: str
-    q_proj: str
-    k_proj: str
-    v_proj: str
-    o_proj: str
-    gate_proj: str | None
-    up_proj: str
-    down_proj: str
-    num_layers: int
-    hidden_size: int
-    head_dim: int
-    heads_per_layer: list[int]
-    kv_heads_per_layer: list[int]
-    intermediate_per_layer: list[int]
-    visual_tokens: int
-    image_size: int
-    patch_size: int
-    vocab_size: int
-    image_token_index: int
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.heads_per_layer[0]
-
-    @property
-    def num_key_value_heads(self) -> int:
-        return self.kv_heads_per_layer[0]
-
-    @property
-    def gqa_group_size(self) -> int:
-        """Query heads sharing one KV head (1 = multi-head attention)."""
-        return self.heads_per_layer[0] // self.kv_heads_per_layer[0]
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.intermediate_per_layer[0]
-
-    @property
-    def uniform(self) -> bool:
-        return len({(h, k, m) for h, k, m in zip(self.heads_per_layer, self.kv_heads_per_layer,
-                                                  self.intermediate_per_layer)}) <= 1
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.layers)
-
-    def attention_linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        attn = layer.get_submodule(self.attention)
-        return {"q": getattr(attn, self.q_proj), "k": getattr(attn, self.k_proj),
-                "v": getattr(attn, self.v_proj), "o": getattr(attn, self.o_proj)}
-
-    def mlp_linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        mlp = layer.get_submodule(self.mlp)
-        out = {"up": getattr(mlp, self.up_proj), "down": getattr(mlp, self.down_proj)}
-        if self.gate_proj:
-            out["gate"] = getattr(mlp, self.gate_proj)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d.update(num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-                 gqa_group_size=self.gqa_group_size, intermediate_size=self.intermediate_size, uniform=self.uniform)
-        return d
 
 
 @dataclass
@@ -153,48 +61,6 @@ class LoadedModel:
         return prompt_format(self.processor, self.model.config)
 
 
-def _widths(text_config) -> tuple[list[int], list[int], list[int]]:
-    n = text_config.num_hidden_layers
-    pruned = getattr(text_config, "pruned_widths", None)  # written by compression.methods.prune for non-uniform widths
-    if pruned:
-        return list(pruned["num_attention_heads"]), list(pruned["num_key_value_heads"]), list(pruned["intermediate_size"])
-    heads = text_config.num_attention_heads
-    kv = getattr(text_config, "num_key_value_heads", None) or heads
-    return [heads] * n, [kv] * n, [text_config.intermediate_size] * n
-
-
-def anatomy_from_config(config) -> Anatomy:
-    """The anatomy of a ``LlavaConfig``; raises ModelLoadError for unsupported architectures."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ("llava", "llava_pruned"):
-        raise ModelLoadError(f"unsupported architecture {model_type!r}; supported: LLaVA (model_type 'llava') "
-                             f"with language model {', '.join(SUPPORTED_LANGUAGE)} and vision tower CLIP or SigLIP")
-    text, vision = config.text_config, config.vision_config
-    if text.model_type not in SUPPORTED_LANGUAGE:
-        raise ModelLoadError(f"unsupported architecture: language model {text.model_type!r}; "
-                             f"supported: {', '.join(SUPPORTED_LANGUAGE)}")
-    if vision.model_type not in SUPPORTED_VISION:
-        raise ModelLoadError(f"unsupported architecture: vision tower {vision.model_type!r}; "
-                             f"supported: {', '.join(SUPPORTED_VISION)}")
-    heads, kv, inter = _widths(text)
-    q, k, v, o = _ATTENTION.get(text.model_type, _DEFAULT_ATTENTION)
-    gate, up, down = _MLP.get(text.model_type, _DEFAULT_MLP)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    patches = (vision.image_size // vision.patch_size) ** 2
-    has_cls = vision.model_type == "clip_vision_model"
-    drop_first = getattr(config, "vision_feature_select_strategy", "default") == "default"
-    return Anatomy(
-        language_model_type=text.model_type, vision_model_type=vision.model_type,
-        vision_tower="model.vision_tower", projector="model.multi_modal_projector",
-        language_model="model.language_model", layers="model.language_model.layers", lm_head="lm_head",
-        embed_tokens="model.language_model.embed_tokens", attention="self_attn", mlp="mlp",
-        q_proj=q, k_proj=k, v_proj=v, o_proj=o, gate_proj=gate, up_proj=up, down_proj=down,
-        num_layers=text.num_hidden_layers, hidden_size=text.hidden_size, head_dim=head_dim,
-        heads_per_layer=heads, kv_heads_per_layer=kv, intermediate_per_layer=inter,
-        visual_tokens=patches + int(has_cls) - int(drop_first), image_size=vision.image_size,
-        patch_size=vision.patch_size, vocab_size=text.vocab_size, image_token_index=config.image_token_index)
-
-
 def parameter_counts(model: nn.Module, anatomy: Anatomy) -> dict[str, int]:
     """Parameters by part: ``vision``, ``projector``, ``language`` (decoder, embeddings, head), ``total``.
 
@@ -210,8 +76,10 @@ def parameter_counts(model: nn.Module, anatomy: Anatomy) -> dict[str, int]:
                 n += _numel(p)
         return n
 
+    # the projector first: Qwen's merger lives inside its vision tower (``model.visual.merger``)
+    projector = sum(_numel(p) for p in anatomy.projector_parameters(model) if id(p) not in seen)
+    seen.update(id(p) for p in anatomy.projector_parameters(model))
     vision = count(model.get_submodule(anatomy.vision_tower))
-    projector = count(model.get_submodule(anatomy.projector))
     language = count(model.get_submodule(anatomy.language_model)) + count(model.get_submodule(anatomy.lm_head))
     rest = count(model)
     return {"total": vision + projector + language + rest, "vision": vision, "projector": projector,
@@ -243,10 +111,6 @@ def fingerprint_folder(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def shipped_configs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CONFIGS_PATH.glob("*.json"))}
-
-
 def _read_config(path: Path):
     from transformers import AutoConfig
 
@@ -256,24 +120,21 @@ def _read_config(path: Path):
         raise ModelLoadError(f"{path} is not valid JSON ({e.msg}); expected a Hugging Face config.json") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ModelLoadError(f"{path} has no 'model_type'; expected a Hugging Face config.json")
-    if raw["model_type"] == "llava_pruned":
-        from compression.models.pruned import LlavaPrunedConfig  # the project's own class: no remote code needed
+    family = families.family_for(raw["model_type"])
+    if raw["model_type"] == family.pruned_model_type:
+        from compression.models.pruned import pruned_classes  # the project's own classes: no remote code needed
 
-        return LlavaPrunedConfig.from_dict(raw)
-    if raw["model_type"] != "llava":
-        raise ModelLoadError(f"unsupported architecture {raw['model_type']!r}; supported: LLaVA (model_type "
-                             f"'llava') with language model {', '.join(SUPPORTED_LANGUAGE)} and vision tower CLIP or SigLIP")
+        return pruned_classes(family)[0].from_dict(raw)
     return AutoConfig.for_model(**raw)
 
 
 def _model_class(config):
-    if config.model_type == "llava_pruned":
-        from compression.models.pruned import LlavaPrunedForConditionalGeneration
+    family = families.family_for(config)
+    if config.model_type == family.pruned_model_type:
+        from compression.models.pruned import pruned_classes
 
-        return LlavaPrunedForConditionalGeneration
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration
+        return pruned_classes(family)[1]
+    return family.transformers_class("model")
 
 
 def model_from_config(config, device: str = "meta") -> nn.Module:
@@ -351,7 +212,7 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
         from compression.models.bnb_cpu import prepare_bnb_for_cpu  # bitsandbytes' fast 4-bit CPU kernel needs aligned sizes
 
         prepare_bnb_for_cpu(model)
-    processor = load_processor(path, trust_remote_code)
+    processor = load_processor(path, trust_remote_code, families.family_for(config))
     model.eval()
     return LoadedModel(model, processor, anatomy, name, kind, path, True, fingerprint_folder(path))
 
@@ -366,23 +227,13 @@ def _load_weights(config, path: Path, device: str, dtype, trust_remote_code: boo
         raise ModelLoadError(f"could not load weights from {path}: {first}") from None
 
 
-def load_processor(path: Path, trust_remote_code: bool = False):
-    from transformers import AutoProcessor
-
+def load_processor(path: Path, trust_remote_code: bool = False, family: "families.Family | None" = None):
+    """The processor of a model folder, through its family's processor builder (``families.processors``)."""
+    if family is None:
+        family = families.family_for(_read_config(path / "config.json"))
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+        return _family_processor(family, path, trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load the processor from {path}: {first}; expected tokenizer and "
                              "processor files beside config.json") from None
-
-
-def available_models(cache_root: Path | None = None) -> list[dict[str, str]]:
-    """Models the user can pick without typing a path: the reference, shipped configs, finished runs."""
-    rows = [{"name": "reference", "kind": "reference", "path": str(REFERENCE_PATH)}]
-    rows += [{"name": f"config:{n}", "kind": "config", "path": str(p)} for n, p in shipped_configs().items()]
-    runs = (cache_root or cache_dir()) / "runs"
-    for run in sorted(runs.glob("*/model")) if runs.is_dir() else []:
-        if (run / "config.json").is_file():
-            rows.append({"name": f"run:{run.parent.name}", "kind": "local", "path": str(run)})
-    return rows

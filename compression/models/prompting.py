@@ -57,6 +57,7 @@ _LLAVA15_TEMPLATE = (
 def llava15_template(image_token: str = "<image>") -> str:
     """The LLaVA-1.5 fallback as a Jinja chat template for a processor whose image token is ``image_token``."""
     return _LLAVA15_TEMPLATE.replace("IMAGE_TOKEN", image_token)
+PREFIX_LM = "PaliGemma prefix prompt (image, question, newline; the answer as the suffix)"
 
 
 @dataclass
@@ -68,12 +69,20 @@ class PromptFormat:
     image_token: str
     max_length: int | None  # the model's context, in tokens (None: unknown)
     template: str = ""      # the Jinja template that renders (the model's, or llava15_template)
+    # a prefix-LM without a chat template (PaliGemma): the processor puts the image tokens and <bos> before
+    # the prompt and "\n" after it, and the answer goes in as its ``suffix`` (token_type_ids 1: causal)
+    prefix_lm: bool = False
 
     @property
     def name(self) -> str:
-        return "the model's chat template" if self.uses_chat_template else FALLBACK
+        if self.uses_chat_template:
+            return "the model's chat template"
+        return PREFIX_LM if self.prefix_lm else FALLBACK
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        if self.prefix_lm and not self.uses_chat_template:
+            return _prefix_prompt(list(messages), self.image_token, add_generation_prompt,
+                                  self.processor.tokenizer.eos_token or "")
         return self.processor.apply_chat_template(list(messages), chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
@@ -88,11 +97,29 @@ def prompt_format(processor, config=None) -> PromptFormat:
     """The model's prompt format, from its processor (and config, for the context length)."""
     own = chat_template_of(processor)
     token = getattr(processor, "image_token", None) or "<image>"
-    limit = None
+    limit, prefix_lm = None, False
     if config is not None:
+        from compression.models import families
+
         text = getattr(config, "text_config", config)
         limit = getattr(text, "max_position_embeddings", None)
-    return PromptFormat(processor, bool(own), token, limit, own if isinstance(own, str) else llava15_template(token))
+        if getattr(config, "model_type", None) in families.FAMILIES:
+            prefix_lm = families.family_for(config).token_types == "prefix"
+    return PromptFormat(processor, bool(own), token, limit, own if isinstance(own, str) else llava15_template(token),
+                        prefix_lm and not own)
+
+
+def _prefix_prompt(messages: list[dict], image_token: str, add_generation_prompt: bool, eos: str) -> str:
+    """PaliGemma's format: ``<image>`` per image, then the turns' text joined by newlines; a final assistant
+    turn (a whole conversation, not a generation prompt) follows as ``"\n" + answer + eos``."""
+    images = sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p.get("type") == "image")
+    texts = []
+    for m in messages:
+        parts = m["content"] if not isinstance(m["content"], str) else [{"type": "text", "text": m["content"]}]
+        texts.append(" ".join(p["text"].strip() for p in parts if p.get("type") == "text"))
+    last = messages[-1]["role"] == "assistant" and not add_generation_prompt
+    prompt = image_token * images + "\n".join(texts[:-1] if last else texts)
+    return prompt + ("\n" + texts[-1] + eos if last else "")
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -128,25 +155,38 @@ def _images_in(messages: Sequence[dict], record: Record) -> list[Image.Image]:
     return record.images[:image_count(list(messages))]
 
 
-def _call(processor, texts: list[str], images: list[Image.Image], padding_side: str) -> dict[str, torch.Tensor]:
+def _adds_bos(tok, texts: list[str]) -> bool:
+    """Whether to let the tokenizer add its special tokens: not when the rendered texts already start with
+    ``bos`` (templates that write it themselves, e.g. Gemma 3's, Idefics3's), which would double it."""
+    bos = getattr(tok, "bos_token", None)
+    return not (bos and texts and all(t.startswith(bos) for t in texts))
+
+
+def _call(processor, texts: list[str], images: list[list[Image.Image]], padding_side: str,
+          suffix: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The processor on a batch: ``images`` holds each text's images (processors such as Gemma 3's and
+    Idefics3's need them nested per text)."""
     tok = processor.tokenizer
     previous = tok.padding_side
     tok.padding_side = padding_side
     try:
-        kwargs = {"images": images} if images else {}
-        return processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+        kwargs = {"images": images} if any(images) else {}
+        if suffix is not None:
+            kwargs["suffix"] = suffix
+        return processor(text=texts, return_tensors="pt", padding=True, add_special_tokens=_adds_bos(tok, texts),
+                         **kwargs)
     finally:
         tok.padding_side = previous
 
 
 def _token_count(processor, text: str, images: list[Image.Image]) -> int:
-    return int(_call(processor, [text], images, "right")["input_ids"].shape[1])
+    return int(_call(processor, [text], [images], "right")["input_ids"].shape[1])
 
 
 def generation_inputs(fmt: PromptFormat, batch: Sequence[tuple[list[dict], list[Image.Image]]]):
     """Left-padded processor inputs for generation from ``(messages, images)`` pairs (the prompt only)."""
     texts = [fmt.render(messages, add_generation_prompt=True) for messages, _ in batch]
-    images = [im for _, ims in batch for im in ims]
+    images = [list(ims) for _, ims in batch]
     inputs = _call(fmt.processor, texts, images, "left")
     if fmt.max_length is not None and inputs["input_ids"].shape[1] > fmt.max_length:
         lengths = inputs["attention_mask"].sum(1).tolist()
@@ -180,8 +220,10 @@ def training_inputs(fmt: PromptFormat, records: Sequence[Record]) -> dict[str, t
     (``pixel_values`` and whatever the family needs) for the images of the batch, in order.
     """
     _check_records(fmt, records)
+    images = [list(r.images) for r in records]
+    if fmt.prefix_lm:
+        return _prefix_training_inputs(fmt, records, images)
     texts = [fmt.render(r.messages) for r in records]
-    images = [im for r in records for im in r.images]
     inputs = dict(_call(fmt.processor, texts, images, "right"))
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     _check_length(fmt, records, mask.sum(1).tolist())
@@ -191,6 +233,22 @@ def training_inputs(fmt: PromptFormat, records: Sequence[Record]) -> dict[str, t
         for start, end in _assistant_token_spans(fmt, r, text, ids[row, :length].tolist()):
             labels[row, start:end] = ids[row, start:end]
     inputs["labels"] = labels
+    return inputs
+
+
+def _prefix_training_inputs(fmt: PromptFormat, records: Sequence[Record], images: list[list[Image.Image]]):
+    """A prefix-LM's teacher-forcing inputs: everything up to the last assistant turn is the prefix, that
+    turn the suffix; the processor labels the suffix and sets ``token_type_ids`` (1 on it: causal there)."""
+    prefixes, suffixes = [], []
+    for r in records:
+        last = max(k for k, m in enumerate(r.messages) if m["role"] == "assistant")
+        prefixes.append(fmt.render(r.messages[:last], add_generation_prompt=True))
+        content = r.messages[last]["content"]
+        suffixes.append(content if isinstance(content, str) else " ".join(
+            p["text"].strip() for p in content if p.get("type") == "text"))
+    inputs = dict(_call(fmt.processor, prefixes, images, "right", suffix=suffixes))
+    _check_length(fmt, records, inputs["attention_mask"].sum(1).tolist())
+    inputs["labels"] = torch.as_tensor(inputs["labels"]).masked_fill(inputs["attention_mask"] == 0, -100)
     return inputs
 
 
@@ -222,7 +280,7 @@ def _assistant_token_spans(fmt: PromptFormat, record: Record, text: str, expande
     chars = _assistant_char_spans(fmt, record, text)
     tok = fmt.processor.tokenizer
     if chars is not None and getattr(tok, "is_fast", False):
-        enc = tok(text, return_offsets_mapping=True)
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=_adds_bos(tok, [text]))
         unexpanded, offsets = enc["input_ids"], enc["offset_mapping"]
         positions = _align(unexpanded, expanded, _image_token_ids(fmt))
         if positions is not None:

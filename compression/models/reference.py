@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from compression.data import shapes as data
+from compression.models.catalog import REFERENCE_PATH
 
-REFERENCE_PATH = Path(__file__).resolve().parent.parent / "assets" / "reference"
 PATCH_SIZE = 16
 IMAGE_TOKENS = (data.IMAGE_SIZE // PATCH_SIZE) ** 2  # 16: the CLS token is dropped ("default" strategy)
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]

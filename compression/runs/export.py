@@ -22,8 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from compression.paths import cache_dir
 
 ZIP_LIMIT_BYTES = 200 * 1024 ** 2   # larger exports are not offered as one browser download
@@ -144,10 +142,13 @@ def _ship_chat_template(folder: Path) -> bool:
     from compression.models import load_processor
     from compression.models.prompting import chat_template_of, prompt_format
 
+    from compression.models.loader import _read_config
+
     processor = load_processor(folder)
-    if chat_template_of(processor):
+    fmt = prompt_format(processor, _read_config(folder / "config.json"))
+    if chat_template_of(processor) or fmt.prefix_lm:  # a prefix-LM (PaliGemma) is prompted by its processor alone
         return False
-    (folder / "chat_template.jinja").write_text(prompt_format(processor).template)
+    (folder / "chat_template.jinja").write_text(fmt.template)
     return True
 
 
@@ -167,22 +168,31 @@ def _zip(folder: Path, zip_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- check
 
-# Runs in a fresh interpreter with transformers alone: no project import, exactly what a user does.
+# Runs in a fresh interpreter with transformers alone: no project import, exactly what a user does. The
+# parent's processor inputs come along: the child checks that its own AutoProcessor makes the same ones, or
+# uses them where AutoProcessor cannot be built here (a processor with a video part needs torchvision).
 _RELOAD_SCRIPT = r"""
 import sys, json, torch
 from PIL import Image
-from safetensors.torch import save_file
-from transformers import AutoProcessor
-folder, image, text, out, remote = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
-from transformers import AutoModelForImageTextToText as cls
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText as cls, AutoProcessor
+folder, image, text, out, remote, given = sys.argv[1:7]
+remote = remote == "1"
+given = load_file(given)
 model = cls.from_pretrained(folder, trust_remote_code=remote).eval()
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
-inputs = processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt")
+status = {"class": type(model).__name__, "processor": "loaded"}
+try:
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+    inputs = dict(processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt"))
+    status["same_inputs"] = sorted(inputs) == sorted(given) and all(torch.equal(inputs[k], given[k]) for k in given)
+except (ImportError, OSError) as e:
+    inputs = given
+    status["processor"] = (str(e).strip().splitlines() or [type(e).__name__])[0]
 with torch.no_grad():
     logits = model(**inputs).logits
     answer = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
 save_file({"logits": logits.float().contiguous(), "answer": answer.contiguous()}, out)
-print(type(model).__name__, tuple(logits.shape))
+print(json.dumps(status))
 """
 CHECK_QUESTION = "What is shown in this image?"
 
@@ -202,29 +212,42 @@ def check_image(size: int = 64):
 def verify_export(run_model: Path, export_dir: Path, remote_code: bool) -> tuple[float, bool]:
     """``(max |logits difference|, same greedy answer)`` between the run's model (loaded here) and the export
     reloaded in a fresh process with plain transformers, on a fixed image and question rendered with the
-    model's own prompt format (the greedy answer: 8 new token ids)."""
-    from safetensors.torch import load_file
+    model's own prompt format (the greedy answer: 8 new token ids).
 
-    from compression.measure.evaluate import _to_model
-    from compression.models import load
+    The fresh process builds its inputs with ``AutoProcessor`` and they must equal the ones made here; a
+    family whose stock processor needs torchvision (``families.processors``) is fed the inputs made here
+    instead. Raises ``ValueError`` (one line) when the export does not load or its processor disagrees."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
     from compression.data.records import single_turn
+    from compression.measure.evaluate import _to_model
+    from compression.models import families, load
 
     original = load(str(run_model))
+    family = families.family_for(original.model.config)
     image = check_image()
     text = original.prompt.render(single_turn(CHECK_QUESTION), add_generation_prompt=True)
+    made = {k: v.contiguous() for k, v in original.processor(images=[image], text=[text], return_tensors="pt").items()}
     with tempfile.TemporaryDirectory() as tmp:
-        image_path = Path(tmp) / "image.png"
+        image_path, given = Path(tmp) / "image.png", Path(tmp) / "inputs.safetensors"
         image.save(image_path)
+        save_file(made, given)
         out = Path(tmp) / "logits.safetensors"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
         done = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, str(export_dir), str(image_path), text, str(out),
-                               "1" if remote_code else "0"], capture_output=True, text=True, env=env, cwd=tmp,
-                              timeout=600)
+                               "1" if remote_code else "0", str(given)], capture_output=True, text=True, env=env,
+                              cwd=tmp, timeout=600)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise ValueError(f"export check failed: the export does not load with plain transformers: {last}")
+        status = json.loads(done.stdout.strip().splitlines()[-1])
         exported = load_file(out)
-    inputs = _to_model(original.processor(images=[image], text=[text], return_tensors="pt"), original.model)
+    if status["processor"] != "loaded" and not families.processors.needs_image_only(family):
+        raise ValueError(f"export check failed: AutoProcessor cannot load the export: {status['processor']}")
+    if status.get("same_inputs") is False:
+        raise ValueError("export check failed: the export's AutoProcessor makes different inputs from the run's processor")
+    inputs = _to_model(made, original.model)
     with torch.no_grad():
         reference = original.model(**inputs).logits.float()
         answer = original.model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
@@ -275,7 +298,7 @@ def model_card(metrics: dict[str, Any], name: str, remote_code: bool, shipped_te
                      f'model = AutoModelForImageTextToText.from_pretrained("{name}", trust_remote_code=True)\n'
                      f'processor = AutoProcessor.from_pretrained("{name}")')
         why = ("Layers were pruned to different widths, so the folder ships its own modeling code "
-               "(`modeling_llava_pruned.py`): load it with `trust_remote_code=True`.")
+               "(`modeling_llava_pruned.py` or `modeling_vlm_pruned.py`): load it with `trust_remote_code=True`.")
     else:
         load_code = (f'from transformers import AutoModelForImageTextToText, AutoProcessor\n\n'
                      f'model = AutoModelForImageTextToText.from_pretrained("{name}")\n'

@@ -32,7 +32,7 @@ import torch
 from compression.data.sources import Selection, open_source, select
 from compression.measure import evaluate
 from compression.methods import prune, quantize, recover, tokens
-from compression.models import LoadedModel, load, parameter_counts
+from compression.models import LoadedModel, families, load, parameter_counts
 from compression.runs import shared
 from compression.runs.recipe import Recipe
 
@@ -213,7 +213,8 @@ def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, sa
     if recipe.prune.method != "none":
         scores = _importance_scores(recipe, original, calibration, say)
         plan = prune.make_plan((student.model, student.anatomy), recipe.prune.method, ratio=recipe.prune.ratio,
-                               scores=scores, layer_range=recipe.prune.layer_range, scorer=recipe.prune.scorer)
+                               scores=scores, layer_range=recipe.prune.layer_range, scorer=recipe.prune.scorer,
+                               servable=recipe.prune.servable)
         student.model, student.anatomy = prune.apply_plan(student.model, student.anatomy, plan)
         student.path = None
         say(f"pruned ({plan.method}, {recipe.prune.scorer}): asked {recipe.prune.ratio:.0%}, achieved "
@@ -253,9 +254,10 @@ def _token_pruning(recipe: Recipe):
 
 
 def _save_model(student: LoadedModel, folder: Path, plan) -> None:
-    if student.model.config.model_type == "llava_pruned" and "_weight_conversions" in vars(student.model):
+    pruned_type = families.family_for(student.model.config).pruned_model_type
+    if student.model.config.model_type == pruned_type and "_weight_conversions" in vars(student.model):
         # A model loaded with from_pretrained remembers transformers' legacy-key conversion and saves
-        # LLaVA keys the old way ("language_model.lm_head.weight"); for model_type "llava_pruned"
+        # keys the old way (LLaVA: "language_model.lm_head.weight"); for model_type "<family>_pruned"
         # loading does not map them back and lm_head would come back random. Save today's keys.
         del student.model._weight_conversions
     fmt = quantize.quantization_format(student.model)

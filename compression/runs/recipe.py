@@ -45,6 +45,7 @@ class PruneSpec(_Strict):
     ratio: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of language-model parameters to remove
     scorer: str | None = None                  # None: block_influence for layer, taylor for width
     layer_range: tuple[int, int] | None = None  # [first, last) layers eligible; None: paper default
+    servable: bool = False                      # width: every layer alike (plain transformers), TP sizes kept
 
     @model_validator(mode="after")
     def _check(self) -> "PruneSpec":
