@@ -12,7 +12,7 @@ runs = {r["name"]: r for r in jobs.list_runs()}
 if not runs:
     st.info("No finished runs yet: launch a job on the Compress page.")
     st.stop()
-name = st.selectbox("Run", list(runs), key="compare_run")
+name = common.run_picker("Run", list(runs), key="compare_run")
 run = runs[name]
 recipe = run.get("recipe") or run["metrics"].get("recipe") or {}
 st.caption(f"`{name}`: {views._describe_recipe(recipe)}, compressed from `{recipe.get('model', '?')}`.")

@@ -1,6 +1,6 @@
-"""Compress: a recipe form (prefilled from the paper's advice), launched as a background job; a live
-job list with logs, cancel and resume. The selected job id lives in the query string (``?job=…``),
-so a refresh or a new tab reconnects to it."""
+"""Compress: a recipe form (prefilled from the paper's advice), launched as a background job; a Sweep
+section that launches a grid of recipes as one group; a live job list with logs, cancel and resume.
+The selected job id lives in the query string (``?job=…``), so a refresh or a new tab reconnects to it."""
 import hashlib
 
 import streamlit as st
@@ -8,7 +8,7 @@ import yaml
 
 from compression.runs.recipe import LAYER_SCORERS, TOKEN_SCORERS, WIDTH_SCORERS, Recipe
 from compression.runs import jobs
-from ui import advice, common, jobs_view
+from ui import advice, common, jobs_view, sweep_view
 
 common.page_header("Compress", "Prune → recover on a small data fraction → (optionally) quantize and prune "
                    "visual tokens → evaluate, as a background job. Leave the page; the job keeps running.")
@@ -115,6 +115,10 @@ if submitted:
 
 with st.expander("Recipe as YAML (the same file `python -m compression run` takes)"):
     st.code(yaml.safe_dump(prefill, sort_keys=False), language="yaml")
+
+# ------------------------------------------------------------------------------------------- a sweep
+sweep_view.builder(source, loaded.has_weights, data,
+                   ({"path": train_path, "image_root": train_root} if train_root else train_path) or None)
 
 # ------------------------------------------------------------------------------------------- live jobs
 st.subheader("Jobs")

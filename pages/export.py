@@ -14,7 +14,8 @@ if not runs:
     st.stop()
 
 left, right = st.columns(2)
-run = left.selectbox("Run", runs, key="export_run")
+with left:
+    run = common.run_picker("Run", runs, key="export_run")
 name = right.text_input("Export name (a folder under cache/exports)", value=run, key=f"export_name_{run}")
 with common.shown_as_message():
     name = export.sanitize_name(name)

@@ -1,16 +1,21 @@
-"""Results: every finished run against its original — accuracy vs size and vs latency with the Pareto
-front, per-question-type accuracy, the what-if estimate against the measurement, and a CSV."""
+"""Results: a sweep's (or a shipped study's) measured Pareto front, live while it runs, with the
+budget question answered from it; then every finished run against its original — accuracy vs
+size and vs latency, per-question-type accuracy, the what-if estimate against the measurement, and a CSV."""
 import streamlit as st
 
 from compression.runs import jobs
 
-from ui import common, views
+from ui import common, sweep_view, views
 
 common.page_header("Results", "Every finished run against the original it was compressed from. All numbers are "
                    "measured by the run's own evaluation unless a column says estimated.")
+sweep_view.front_section(common.current_source())
+
+st.divider()
+st.subheader("Every finished run")
 runs = jobs.list_runs()
 if not runs:
-    st.info("No finished runs yet: launch a job on the Compress page.")
+    st.info("No finished runs yet: launch a job or a sweep on the Compress page.")
     st.stop()
 frame = views.runs_frame(runs)
 # accuracies on different data are not comparable: one front per evaluation set

@@ -237,7 +237,7 @@ def test_reference_model_from_importance_to_export(browser, reference_path, tmp_
         # 4. the run against the original
         open_page(page, "Results")
         settle(page)
-        assert page.locator("[data-testid=stPlotlyChart]").count() == 4
+        assert page.locator("[data-testid=stPlotlyChart]").count() == 6  # the shipped study's fronts first
         page.locator("[data-testid=stDownloadButton]").wait_for()  # the table toolbar has its own CSV button
         no_exception(page)
         shot(page, "04-results")
@@ -262,5 +262,68 @@ def test_reference_model_from_importance_to_export(browser, reference_path, tmp_
         page.get_by_text("Load it").first.wait_for()  # the model card has the same heading
         no_exception(page)
         shot(page, "06-export")
+    finally:
+        stop_server(server)
+
+
+def test_a_sweep_of_six_points_from_compress_to_its_front(browser, reference_path, tmp_path):
+    """The reference model: a 2 x 3 sweep launched from the Compress page, its front drawn live on Results,
+    a point clicked there becoming the run Compare opens."""
+    cache = tmp_path / "cache"
+    server = start_server(cache, port := free_port())
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(120_000)
+        page.goto(f"http://localhost:{port}/?model=reference", wait_until="commit")
+        page.locator("[data-testid=stMain] h1").filter(has_text="Model").wait_for()
+        settle(page)
+
+        # 1. the Sweep section: layer / width x 15 / 30 / 40 % x no recovery, 8 evaluation records a run
+        open_page(page, "Compress")
+        settle(page)
+        page.get_by_role("button", name="Remove sft+hidden", exact=True).click()  # Recoveries: none only
+        settle(page)
+        fill_number(page, "Evaluation records per run", 8)
+        page.get_by_label("Sweep name").fill("e2e")
+        page.get_by_label("Sweep name").press("Enter")
+        settle(page)
+        page.get_by_text("6 runs", exact=True).wait_for()  # counted and estimated before launch
+        page.get_by_role("button", name="Launch sweep").click()
+        page.get_by_text("of 6 finished").first.wait_for()
+        no_exception(page)
+        shot(page, "sweep-01-compress")
+
+        # 2. Results follows the sweep; its charts fill in as runs finish
+        open_page(page, "Results")
+        page.get_by_text("runs finished").first.wait_for()
+        page.get_by_text("1 of 6 runs finished").first.wait_for(timeout=900_000)
+        shot(page, "sweep-02-results-live")
+        page.get_by_text("6 of 6 runs finished").first.wait_for(timeout=1_800_000)
+        # the last run ends the polling with one rerun of the whole page, which adds the charts of every run
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=stPlotlyChart]').length == 6",
+                               timeout=120_000)  # the sweep's two fronts, then the four charts of every finished run
+        settle(page, 2)
+        no_exception(page)
+        charts = page.locator("[data-testid=stPlotlyChart]")
+        front = charts.first
+        assert "Pareto front" in front.inner_text() and "what-if estimate" in front.inner_text()
+        runs = sorted(p.name for p in (cache / "runs").iterdir())
+        assert len(runs) == 6 and all(name.startswith("e2e-") for name in runs)
+        front.scroll_into_view_if_needed()
+        shot(page, "sweep-03-front")
+
+        # 3. clicking a run's point makes it the run Compare opens
+        front.locator(".scatterlayer .trace:nth-child(3) path.point").first.click(force=True)
+        page.get_by_text("Compare and Export open").wait_for()
+        settle(page)
+        chosen = page.locator("[data-testid=stCaptionContainer]").filter(has_text="Compare and Export open") \
+            .inner_text().removeprefix("Compare and Export open ").rstrip(".").strip("`")
+        assert chosen in runs
+        shot(page, "sweep-04-chosen")
+        open_page(page, "Compare")
+        settle(page)
+        assert page.get_by_role("combobox", name="Run", exact=True).and_(page.locator(f"[value='{chosen}']")).count() == 1
+        no_exception(page)
+        shot(page, "sweep-05-compare")
     finally:
         stop_server(server)

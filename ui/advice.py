@@ -90,3 +90,45 @@ def recipe_for(source: str, ratio: float, advice: Advice, data: dict | None = No
         data["train"] = {"source": "shapes", "fraction": advice.data_fraction}
     return {"model": source, "prune": {"method": advice.method, "ratio": round(ratio, 4)},
             "recovery": {"mode": advice.recovery_mode, "distillation": advice.distillation}, "data": data}
+
+
+# ------------------------------------------------------------------------------------------- budget answer
+
+@dataclass(frozen=True)
+class BudgetAnswer:
+    source: str          # who answered: the measured front of a sweep, or the paper's decision flow
+    text: str
+    run: str | None = None  # the measured run recommended, when the front answered
+
+
+def budget_answer(points: list[dict] | None, size_fraction: float, compute: Compute = "some",
+                  front_label: str = "the sweep") -> BudgetAnswer:
+    """'Which recipe for my budget?': the most accurate measured point within ``size_fraction`` of
+    the original's weights when ``points`` (a sweep's rows, ``compression.runs.sweep.points``) are
+    given, else the paper's decision flow for removing ``1 - size_fraction`` of the language model.
+    ``compute == "none"`` keeps only points made without recovery training."""
+    from compression.runs import sweep
+
+    if not 0 < size_fraction < 1:
+        raise ValueError(f"size budget {size_fraction} must be in (0, 1): the share of the original's weights kept")
+    originals = [p for p in points or [] if p["kind"] == "original"]
+    if not originals:
+        advice = decision_flow(1 - size_fraction, compute=compute)
+        return BudgetAnswer("the paper's decision flow (no measured sweep of this model)",
+                            f"{advice.summary}. {advice.reason} Removing {1 - size_fraction:.0%} of the language "
+                            f"model stands in for keeping {size_fraction:.0%} of the weights.")
+    original = originals[0]
+    limit = size_fraction * original["size_bytes"]
+    best = sweep.best_within(points, max_size_bytes=limit, trained=compute != "none")
+    source = f"the measured front of {front_label}"
+    if best is None:
+        smallest = min(points, key=lambda p: p["size_bytes"])
+        return BudgetAnswer(source, f"No measured run fits in {limit / 1e6:.2f} MB ({size_fraction:.0%} of the "
+                                    f"original); the smallest is `{smallest['name']}` at "
+                                    f"{smallest['size_bytes'] / 1e6:.2f} MB. Widen the sweep's ratios.")
+    kept = best["accuracy"] / original["accuracy"] if original["accuracy"] else float("nan")
+    return BudgetAnswer(source, f"`{best['name']}` ({best['recipe']}): accuracy {best['accuracy']:.1%} "
+                                f"({kept:.1%} of the original's {original['accuracy']:.1%}), "
+                                f"{best['size_bytes'] / 1e6:.2f} MB ({best['size_bytes'] / original['size_bytes']:.0%} "
+                                f"of the original), measured on {best['eval_samples']} test records.",
+                        run=best["name"] if best["kind"] == "run" else None)

@@ -366,3 +366,21 @@ def page_header(title: str, purpose: str) -> None:
     data_picker()
     st.title(title)
     st.caption(purpose)
+
+
+# ------------------------------------------------------------------------------------------- the chosen run
+
+CHOSEN_RUN = "chosen_run"  # a run name: what Compare and Export open, set there or on the Results front
+
+
+def choose_run(name: str) -> None:
+    st.session_state[CHOSEN_RUN] = name
+
+
+def run_picker(label: str, names: list[str], key: str) -> str:
+    """A run selectbox that opens on the chosen run (from the Results front or another page) and,
+    when changed, makes its pick the chosen run for the other pages too."""
+    chosen = st.session_state.get(CHOSEN_RUN)
+    if chosen in names:
+        st.session_state[key] = chosen
+    return st.selectbox(label, names, key=key, on_change=lambda: choose_run(st.session_state[key]))

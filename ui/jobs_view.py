@@ -33,7 +33,7 @@ def eta(seconds: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([{
-        "job": j["id"], "state": j["state"], "stage": j.get("stage") or "",
+        "job": j["id"], "sweep": j.get("sweep") or "", "state": j["state"], "stage": j.get("stage") or "",
         "progress": j.get("progress") if j["state"] != "succeeded" else 1.0,
         "step": f"{j.get('step') or 0}/{j.get('total') or 0}" if j.get("total") else "",
         "loss": j.get("loss"), "ETA": eta(j.get("eta_s")) if j["state"] == "running" else "",

@@ -107,14 +107,12 @@ def per_type_chart(per_type: dict[str, float], title: str) -> go.Figure:
 
 
 def pareto_front(frame: pd.DataFrame, cost: str, quality: str) -> pd.DataFrame:
-    """Rows not dominated by another row (lower-or-equal cost with higher-or-equal quality), by cost."""
-    ordered = frame.dropna(subset=[cost, quality]).sort_values([cost, quality], ascending=[True, False])
-    keep, best = [], float("-inf")
-    for index, row in ordered.iterrows():
-        if row[quality] > best:
-            keep.append(index)
-            best = row[quality]
-    return ordered.loc[keep]
+    """Rows not dominated by another row (lower-or-equal cost with higher-or-equal quality), by cost
+    (``compression.runs.sweep.pareto_front``: equal rows stay together)."""
+    from compression.runs.sweep import pareto_front as front
+
+    indices = front([(float(c), float(q)) for c, q in zip(frame[cost], frame[quality])])
+    return frame.iloc[indices].sort_values([cost, quality], ascending=[True, False])
 
 
 def tradeoff_chart(frame: pd.DataFrame, cost: str, quality: str, cost_label: str, title: str) -> go.Figure:
@@ -129,6 +127,91 @@ def tradeoff_chart(frame: pd.DataFrame, cost: str, quality: str, cost_label: str
     fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=10), yaxis_tickformat=".0%",
                       yaxis_range=[0, 1.05])
     return fig
+
+
+# --------------------------------------------------------------------------------------------- sweep fronts
+
+METHOD_COLORS = {"layer": "#4C78A8", "width": "#F58518", "none": "#54A24B"}
+RECOVERY_SYMBOLS = {"none": "circle", "projector": "square", "lora": "triangle-up", "sft": "diamond",
+                    "sft+hidden": "diamond-wide", "sft+logits": "hexagon"}
+FRONT_AXES = {  # cost column -> (how to show it, axis label, what-if column)
+    "size_bytes": (lambda v: v / 1e6, "weights on disk (MB)", "size_bytes_estimated"),
+    "prefill_ms": (lambda v: v, "prefill latency (ms, batch 1)", "prefill_ms_estimated"),
+}
+
+
+def front_chart(table: pd.DataFrame, cost: str, front: list[str], title: str, chosen: str | None = None) -> go.Figure:
+    """A sweep's measured points on accuracy vs ``cost`` (``size_bytes`` or ``prefill_ms``): the original
+    as a star, runs coloured by pruning method and shaped by recovery, the Pareto front as a step line
+    through ringed points, each run's what-if estimate as a hollow marker joined to it, and the chosen
+    run ringed in red. Every marker carries ``customdata = [name, recipe]`` (hover and selection)."""
+    scale, axis_label, estimate = FRONT_AXES[cost]
+    fig = go.Figure()
+    runs = table[table["kind"] == "run"]
+    guessed = runs.dropna(subset=[estimate, cost])
+    if len(guessed):
+        xs, ys = [], []
+        for row in guessed.itertuples():
+            xs += [scale(getattr(row, cost)), scale(getattr(row, estimate)), None]
+            ys += [row.accuracy, row.accuracy, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#bbbbbb", width=1), hoverinfo="skip",
+                                 showlegend=False))
+        fig.add_trace(go.Scatter(
+            x=scale(guessed[estimate]), y=guessed["accuracy"], mode="markers", name="what-if estimate",
+            marker=dict(symbol="circle-open", size=9, color="#888888", line=dict(width=1.5)),
+            customdata=guessed[["name", "recipe"]].to_numpy(),
+            hovertemplate=f"<b>what-if for %{{customdata[0]}}</b><br>%{{customdata[1]}}<br>estimated {axis_label}: "
+                          "%{x:.3g}<extra></extra>"))
+    for method, group in runs.groupby("method", sort=False):
+        fig.add_trace(go.Scatter(
+            x=scale(group[cost]), y=group["accuracy"], mode="markers", name=f"{method}wise" if method != "none"
+            else "not pruned", marker=dict(size=12, color=METHOD_COLORS.get(method, "#72B7B2"),
+                                           symbol=[RECOVERY_SYMBOLS.get(r, "circle") for r in group["recovery"]],
+                                           line=dict(width=1, color="white")),
+            customdata=group[["name", "recipe"]].to_numpy(),
+            hovertemplate=f"<b>%{{customdata[0]}}</b><br>%{{customdata[1]}}<br>accuracy %{{y:.1%}}<br>{axis_label}: "
+                          "%{x:.3g}<extra></extra>"))
+    originals = table[table["kind"] == "original"].dropna(subset=[cost])
+    if len(originals):
+        fig.add_trace(go.Scatter(
+            x=scale(originals[cost]), y=originals["accuracy"], mode="markers", name="original",
+            marker=dict(symbol="star", size=18, color="#333333"), customdata=originals[["name", "recipe"]].to_numpy(),
+            hovertemplate=f"<b>%{{customdata[0]}}</b><br>accuracy %{{y:.1%}}<br>{axis_label}: %{{x:.3g}}<extra></extra>"))
+    on_front = table[table["name"].isin(front)].dropna(subset=[cost]).sort_values([cost, "accuracy"],
+                                                                                ascending=[True, False])
+    if len(on_front):
+        fig.add_trace(go.Scatter(x=scale(on_front[cost]), y=on_front["accuracy"], mode="lines+markers",
+                                 line_shape="hv", line=dict(color="#E45756", dash="dot", width=2),
+                                 marker=dict(symbol="circle-open", size=20, color="#E45756", line=dict(width=2)),
+                                 name="Pareto front", hoverinfo="skip"))
+    picked = table[table["name"] == chosen].dropna(subset=[cost]) if chosen else table.iloc[0:0]
+    if len(picked):
+        fig.add_trace(go.Scatter(x=scale(picked[cost]), y=picked["accuracy"], mode="markers", name="chosen",
+                                 marker=dict(symbol="circle-open", size=28, color="#B279A2", line=dict(width=3)),
+                                 hoverinfo="skip"))
+    # a click selects a point (Streamlit's on_select); the "chosen" ring marks it, so nothing is dimmed
+    fig.update_traces(selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)))
+    low = max(0.0, float(table["accuracy"].min()) - 0.1) if len(table) else 0.0
+    fig.update_layout(title=title, height=420, margin=dict(l=10, r=10, t=40, b=10), yaxis_tickformat=".0%",
+                      yaxis_range=[low, 1.02], xaxis_title=axis_label, yaxis_title="accuracy (measured)",
+                      legend=dict(orientation="h", y=-0.18), clickmode="event+select")
+    return fig
+
+
+def recovery_legend() -> str:
+    """Which marker shape is which recovery, for the caption under the front charts."""
+    return ", ".join(f"{symbol.replace('-', ' ')} = {name}" for name, symbol in RECOVERY_SYMBOLS.items())
+
+
+def front_table(table: pd.DataFrame, front: dict[str, list[str]]) -> pd.DataFrame:
+    """The sweep's points as a table: measured and what-if columns, and which front each is on."""
+    shown = pd.DataFrame({
+        "name": table["name"], "recipe": table["recipe"], "accuracy": table["accuracy"],
+        "size MB": table["size_bytes"] / 1e6, "size MB (what-if)": table["size_bytes_estimated"] / 1e6,
+        "prefill ms": table["prefill_ms"], "prefill ms (what-if)": table["prefill_ms_estimated"],
+        "front (size)": table["name"].isin(front.get("size", [])),
+        "front (latency)": table["name"].isin(front.get("prefill_ms", []))})
+    return shown.reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------- what-if

@@ -108,8 +108,9 @@ def _registrars() -> list[Callable]:
     from compression.cli import convert as cli_convert
     from compression.cli import runs as cli_jobs
     from compression.cli import prune as cli_prune
+    from compression.cli import sweep as cli_sweep
 
-    return [_register_core, cli_prune.register, cli_jobs.register, cli_convert.register]
+    return [_register_core, cli_prune.register, cli_jobs.register, cli_convert.register, cli_sweep.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

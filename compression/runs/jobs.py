@@ -9,6 +9,10 @@ failed / cancelled), stage, step / total, loss, ETA, pid and heartbeat. Per job,
 checkpoints, for resuming). A finished job's run folder is ``cache_dir()/runs/<id>/``, written
 by ``compression.runs.pipeline`` under a temporary name and renamed when complete.
 
+A *sweep* (``compression.runs.sweep``) is a group of jobs queued together: the ``sweeps`` table
+holds its name and spec, each of its jobs carries its id in the ``sweep`` column, and the group
+is cancelled or resumed as one (``cancel_sweep``, ``resume_sweep``).
+
 Scheduling is pull-based and has no daemon: ``schedule()`` marks dead workers failed (pid gone,
 or no heartbeat for ``COMPRESSION_HEARTBEAT_STALE_S``) and starts queued jobs while fewer than
 ``max_concurrent()`` run. It is called on submit, by a worker when it ends, and by every reader
@@ -39,8 +43,11 @@ _COLUMNS = """
     id TEXT PRIMARY KEY, name TEXT, recipe TEXT NOT NULL, state TEXT NOT NULL, stage TEXT,
     step INTEGER DEFAULT 0, total INTEGER DEFAULT 0, loss REAL, eta_s REAL, pid INTEGER,
     created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL, error TEXT,
-    run_dir TEXT, attempts INTEGER DEFAULT 0
+    run_dir TEXT, attempts INTEGER DEFAULT 0, sweep TEXT
 """
+_SWEEP_COLUMNS = "id TEXT PRIMARY KEY, name TEXT NOT NULL, spec TEXT NOT NULL, created REAL NOT NULL"
+# Stores already checked for the columns added after their creation (one look per process and path).
+_schema_checked: set[str] = set()
 # Popen handles of workers this process started: polling them reaps zombies, and their return
 # code tells how a worker died (a zombie still answers os.kill(pid, 0)).
 _children: dict[str, subprocess.Popen] = {}
@@ -99,7 +106,7 @@ def _db(immediate: bool = False) -> Iterator[sqlite3.Connection]:
         conn.execute("PRAGMA busy_timeout = 30000")
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS})")
+        _ensure_schema(conn)
         conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
             yield conn
@@ -107,6 +114,21 @@ def _db(immediate: bool = False) -> Iterator[sqlite3.Connection]:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _ensure_schema(conn: sqlite3.Connection) -> None:
+    conn.execute(f"CREATE TABLE IF NOT EXISTS jobs ({_COLUMNS})")
+    conn.execute(f"CREATE TABLE IF NOT EXISTS sweeps ({_SWEEP_COLUMNS})")
+    key = str(db_path())
+    if key in _schema_checked:
+        return
+    if "sweep" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
+        try:  # a store written before sweeps existed
+            conn.execute("ALTER TABLE jobs ADD COLUMN sweep TEXT")
+        except sqlite3.OperationalError as e:
+            if "duplicate column" not in str(e):  # another process added it first
+                raise
+    _schema_checked.add(key)
 
 
 def _row(conn: sqlite3.Connection, job_id: str) -> dict[str, Any]:
@@ -141,11 +163,15 @@ def submit(recipe: Recipe | dict | str, name: str | None = None) -> str:
     return job_id
 
 
-def list_jobs() -> list[dict[str, Any]]:
-    """Every job, newest first (the queue is advanced first)."""
+def list_jobs(sweep: str | None = None) -> list[dict[str, Any]]:
+    """Every job (or every job of ``sweep``), newest first (the queue is advanced first)."""
     schedule()
     with _db() as conn:
-        return [_public(dict(r)) for r in conn.execute("SELECT * FROM jobs ORDER BY created DESC, id DESC")]
+        if sweep is None:
+            rows = conn.execute("SELECT * FROM jobs ORDER BY created DESC, id DESC")
+        else:
+            rows = conn.execute("SELECT * FROM jobs WHERE sweep = ? ORDER BY created DESC, id DESC", (sweep,))
+        return [_public(dict(r)) for r in rows]
 
 
 def get(job_id: str) -> dict[str, Any]:
@@ -182,6 +208,88 @@ def resume(job_id: str) -> dict[str, Any]:
                      " eta_s = NULL WHERE id = ?", (job_id,))
     schedule()
     return get(job_id)
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+def submit_sweep(name: str, spec: str, recipes: list[tuple[str, Recipe]]) -> str:
+    """Queue ``recipes`` ``[(job name, recipe)]`` as one sweep, in that order; returns the sweep id.
+
+    The sweep and all its jobs are written in one transaction: no half-queued sweep is ever seen.
+    """
+    if not recipes:
+        raise JobError(f"sweep {name!r} has no runs; expected at least one recipe")
+    sweep_id = _new_id(name)
+    now = time.time()
+    rows = []
+    for i, (job_name, recipe) in enumerate(recipes):
+        job_id = f"{job_name}-{sweep_id.removeprefix(name + '-')}"
+        # created grows by a microsecond a job, so the scheduler starts them in the sweep's order
+        rows.append((job_id, job_name, recipe.to_yaml(), now + i * 1e-6, sweep_id))
+    for job_id, *_ in rows:
+        job_dir(job_id).mkdir(parents=True, exist_ok=True)
+    with _db(immediate=True) as conn:
+        conn.execute("INSERT INTO sweeps (id, name, spec, created) VALUES (?, ?, ?, ?)", (sweep_id, name, spec, now))
+        conn.executemany("INSERT INTO jobs (id, name, recipe, state, stage, created, sweep) VALUES "
+                         "(?, ?, ?, 'queued', 'queued', ?, ?)", rows)
+    schedule()
+    return sweep_id
+
+
+def list_sweeps() -> list[dict[str, Any]]:
+    """Every sweep, newest first, with its job count per state (``counts``) and in all (``total``)."""
+    schedule()
+    with _db() as conn:
+        sweeps = [dict(r) for r in conn.execute("SELECT * FROM sweeps ORDER BY created DESC, id DESC")]
+        counts: dict[str, dict[str, int]] = {}
+        for r in conn.execute("SELECT sweep, state, COUNT(*) FROM jobs WHERE sweep IS NOT NULL GROUP BY sweep, state"):
+            counts.setdefault(r[0], {})[r[1]] = r[2]
+    for s in sweeps:
+        s["counts"] = {state: counts.get(s["id"], {}).get(state, 0) for state in STATES}
+        s["total"] = sum(s["counts"].values())
+        s["finished"] = sum(s["counts"][state] for state in FINISHED)
+    return sweeps
+
+
+def get_sweep(sweep_id: str) -> dict[str, Any]:
+    for s in list_sweeps():
+        if s["id"] == sweep_id:
+            return s
+    raise JobError(f"no sweep {sweep_id!r}; see `python -m compression sweep list`")
+
+
+def cancel_sweep(sweep_id: str) -> list[dict[str, Any]]:
+    """Cancel every queued job of the sweep, then stop its running ones; returns the sweep's jobs."""
+    get_sweep(sweep_id)
+    with _db(immediate=True) as conn:
+        # Queued ones first, in one step: stopping a running job frees a slot, and the next
+        # job of this same sweep must not take it.
+        queued = conn.execute("UPDATE jobs SET state = 'cancelled', finished = ?, error = 'cancelled with its sweep' "
+                              "WHERE sweep = ? AND state = 'queued'", (time.time(), sweep_id)).rowcount
+        running = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE sweep = ? AND state = 'running'",
+                                                 (sweep_id,))]
+    if not queued and not running:
+        raise JobError(f"sweep {sweep_id} has no queued or running jobs; nothing to cancel")
+    for job_id in running:
+        try:
+            cancel(job_id)
+        except JobError:
+            pass  # it finished on its own meanwhile
+    return list_jobs(sweep=sweep_id)
+
+
+def resume_sweep(sweep_id: str) -> list[dict[str, Any]]:
+    """Queue the sweep's failed and cancelled jobs again (each continues from its checkpoint)."""
+    sweep = get_sweep(sweep_id)
+    with _db(immediate=True) as conn:
+        changed = conn.execute("UPDATE jobs SET state = 'queued', stage = 'queued', error = NULL, pid = NULL, "
+                               "finished = NULL, eta_s = NULL WHERE sweep = ? AND state IN ('failed', 'cancelled')",
+                               (sweep_id,)).rowcount
+    if not changed:
+        raise JobError(f"sweep {sweep_id} has nothing to resume ({sweep['counts']['succeeded']} of {sweep['total']} "
+                       "succeeded, the rest queued or running)")
+    schedule()
+    return list_jobs(sweep=sweep_id)
 
 
 def log_tail(job_id: str, n: int = 50) -> str:

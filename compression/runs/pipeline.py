@@ -7,7 +7,9 @@ folder* that appears only when complete (built under a hidden temporary name, th
     <run>/model/         the compressed model, Hugging Face format (safetensors)
     <run>/recipe.yaml    the validated recipe
     <run>/metrics.json   original and compressed: accuracy, per type, params, size, prefill ms,
-                         decode tokens/s (measured interleaved in this process), the what-if estimate
+                         decode tokens/s (measured interleaved in this process), the what-if estimate;
+                         the original's accuracy and importance scores are measured once per model
+                         and data and shared by later runs (compression.runs.shared)
     <run>/logs/          the pipeline log (and the worker's log when run as a job)
 
 With a ``work_dir`` the pipeline is resumable: the pruned model is kept there and recovery
@@ -29,8 +31,9 @@ import torch
 
 from compression.data.sources import Selection, open_source, select
 from compression.measure import evaluate
-from compression.methods import importance, prune, quantize, recover, tokens
+from compression.methods import prune, quantize, recover, tokens
 from compression.models import LoadedModel, families, load, parameter_counts
+from compression.runs import shared
 from compression.runs.recipe import Recipe
 
 # progress(stage, step, total, loss): stage is one of STAGES; step/total count recovery steps.
@@ -208,7 +211,7 @@ def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, sa
                           original.kind, original.path, True, original.fingerprint)
     plan = None
     if recipe.prune.method != "none":
-        scores = _importance_scores(recipe, original, calibration)
+        scores = _importance_scores(recipe, original, calibration, say)
         plan = prune.make_plan((student.model, student.anatomy), recipe.prune.method, ratio=recipe.prune.ratio,
                                scores=scores, layer_range=recipe.prune.layer_range, scorer=recipe.prune.scorer,
                                servable=recipe.prune.servable)
@@ -227,11 +230,12 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _importance_scores(recipe: Recipe, original: LoadedModel, calibration: Selection | None):
-    """Scores the plan ranks by, from compression.methods.importance (cached per model and data)."""
+def _importance_scores(recipe: Recipe, original: LoadedModel, calibration: Selection | None, say):
+    """Scores the plan ranks by, from compression.methods.importance (computed once per model and
+    calibration data, shared by every later run: compression.runs.shared)."""
     if recipe.prune.method == "layer":
-        return importance.cached_importance(original, "layers", recipe.prune.scorer, calibration)
-    return {kind: importance.cached_importance(original, kind, recipe.prune.scorer, calibration)
+        return shared.importance_scores(original, "layers", recipe.prune.scorer, calibration, say)
+    return {kind: shared.importance_scores(original, kind, recipe.prune.scorer, calibration, say)
             for kind in ("heads", "neurons")}
 
 
@@ -269,15 +273,24 @@ def _measure(original: LoadedModel, student: LoadedModel, test: Selection, spec,
              say) -> dict[str, Any]:
     """Accuracy of both on the same records; latency of both interleaved in this process."""
     report: dict[str, Any] = {"eval_samples": len(test), "eval_data": test.describe()}
+    started, answered = time.time(), 0
     for name, loaded, fn in (("original", original, None), ("compressed", student, generate_fn)):
-        acc = evaluate.accuracy(loaded, test.records, spec.metric, max_new_tokens=spec.max_new_tokens,
-                                generate_fn=fn)
+        if name == "original":  # the same for every run of this model on these records: measured once
+            acc, computed = shared.original_accuracy(loaded, test, spec.metric, spec.max_new_tokens, say)
+            report["evaluation"] = {"original_accuracy": "measured in this run" if computed else "cached"}
+            answered += len(test) if computed else 0
+        else:
+            acc = evaluate.accuracy(loaded, test.records, spec.metric, max_new_tokens=spec.max_new_tokens,
+                                    generate_fn=fn)
+            answered += len(test)
         counts = parameter_counts(loaded.model, loaded.anatomy)
         report[name] = {"accuracy": acc.accuracy, "per_type": acc.per_type, "metric": acc.metric,
                         "details": acc.details, "params_total": counts["total"],
                         "params_language": counts["language"],
                         "size_bytes": evaluate.size_bytes(loaded.model, loaded.path)}
         say(f"{name}: {acc.metric.replace('_', ' ')} {acc.accuracy:.1%} on {test.describe()}")
+    # what a sweep's wall-time estimate reads (compression.runs.sweep.estimate)
+    report["evaluation"].update(questions_answered=answered, accuracy_s=round(time.time() - started, 2))
     feed = None
     if inputs_fn is not None:  # visual-token pruning applies to the compressed model only
         def feed(model, inputs):
