@@ -127,3 +127,26 @@ def resolve(device: DeviceName = "auto", dtype: DtypeName | str = "auto") -> Har
 def cpu() -> Hardware:
     """The CPU in fp32: what tests and the reference model default to."""
     return resolve("cpu", "fp32")
+
+
+def device_memory(hw: Hardware) -> tuple[int, int]:
+    """``(total, free)`` bytes of the device ``hw`` computes on: the GPU's (``torch.cuda.mem_get_info``), or
+    the machine's RAM (total, and available to a new allocation) for the CPU and ``mps``."""
+    if hw.is_gpu:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(int(hw.device.split(":")[1]))
+        return int(total), int(free)
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = total
+    try:  # MemAvailable: what a new allocation can take without swapping (Linux)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return int(total), int(available)

@@ -8,7 +8,7 @@ import yaml
 
 from compression.runs.recipe import LAYER_SCORERS, TOKEN_SCORERS, WIDTH_SCORERS, Recipe
 from compression.runs import jobs
-from ui import advice, common, jobs_view, sweep_view
+from ui import advice, common, jobs_view, memory_view, sweep_view
 
 common.page_header("Compress", "Prune → recover on a small data fraction → (optionally) quantize and prune "
                    "visual tokens → evaluate, as a background job. Leave the page; the job keeps running.")
@@ -73,6 +73,8 @@ with st.form(f"recipe_{tag}"):
         learning_rate = st.number_input("Learning rate", 1e-6, 1e-1, float(r.get("learning_rate", 1e-4)),
                                         format="%.0e")
         max_steps = st.number_input("Max steps (0 = one full epoch)", 0, 100_000, int(r.get("max_steps") or 0))
+        checkpointing = st.checkbox("Gradient checkpointing", value=bool(r.get("gradient_checkpointing", False)),
+                                    help="recompute activations in the backward: much less memory, ~30 % slower")
     with c3:
         st.markdown("**Quantize, visual tokens, evaluate**")
         formats = ["none", "int8", "nf4"]
@@ -102,12 +104,17 @@ if submitted:
                      "layer_range": [int(first), int(last)] if last else None},
            "recovery": {"mode": mode, "distillation": distillation, "learning_rate": learning_rate,
                         "max_steps": int(max_steps) or None, "epochs": r.get("epochs", 1),
-                        "batch_size": r.get("batch_size", 16)},
+                        "batch_size": r.get("batch_size", 16), "gradient_checkpointing": checkpointing},
            "quantize": quantize,
            "visual_tokens": {"keep_ratio": keep_ratio, "scorer": token_scorer, "alpha": alpha},
-           "data": raw_data}
+           "data": raw_data, "hardware": dict(zip(("device", "dtype"), common.current_hardware()))}
     with common.shown_as_message():
         recipe = Recipe.from_dict(raw)
+    plan = memory_view.plan(loaded, recipe)
+    if plan["fits"] is False:
+        st.error(f"Not launched: the run's estimated peak does not fit. Would fit: {plan['suggestion']}")
+        memory_view.plan_table(plan, common.hardware_label())
+        st.stop()
     with common.shown_as_message():
         job_id = jobs.submit(recipe)
     jobs_view.select(job_id)
@@ -115,6 +122,13 @@ if submitted:
 
 with st.expander("Recipe as YAML (the same file `python -m compression run` takes)"):
     st.code(yaml.safe_dump(prefill, sort_keys=False), language="yaml")
+
+with st.expander("Memory plan: each stage's estimated peak on the sidebar's hardware (checked again at launch)"):
+    try:
+        prefilled = Recipe.from_dict({**prefill, "hardware": dict(zip(("device", "dtype"), common.current_hardware()))})
+        memory_view.plan_table(memory_view.plan(loaded, prefilled), common.hardware_label())
+    except ValueError as e:  # e.g. no data chosen yet for a model other than the reference
+        st.caption(f"No plan for the prefilled recipe: {common.one_line(e)}")
 
 # ------------------------------------------------------------------------------------------- a sweep
 sweep_view.builder(source, loaded.has_weights, data,

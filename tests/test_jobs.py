@@ -213,3 +213,42 @@ def test_a_failed_job_says_why_in_one_line(tiny_folder, tmp_path):
     assert done["error"] == ("record 1 of test.json: image images/gone.png not found under "
                              f"{tmp_path} (set image_root to the images' folder)")
     assert "Traceback" in jobs.log_tail(job_id, 50)  # the traceback stays in the log
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_two_jobs_run_at_once_on_two_cpu_slots_and_one_is_cancelled_alone(tiny_folder, monkeypatch):
+    monkeypatch.setenv("COMPRESSION_MAX_JOBS", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS")  # each slot gets its share of the cores
+    assert jobs.slots() == ["cpu0", "cpu1"]
+    long = jobs.submit(recipe_for(tiny_folder, steps=5000, name="long"))
+    short = jobs.submit(recipe_for(tiny_folder, steps=40, name="short"))
+    # both running at once (both in recovery), each on its own slot, told so in its environment
+    both = wait_for(lambda: (a := jobs.get(long))["step"] >= 1 and (b := jobs.get(short))["step"] >= 1
+                    and b["state"] == "running" and (a, b))
+    assert {both[0]["slot"], both[1]["slot"]} == {"cpu0", "cpu1"}
+    for job in both:
+        env = _environ(job["pid"])
+        assert env["COMPRESSION_SLOT"] == job["slot"] and env["CUDA_VISIBLE_DEVICES"] == ""
+        assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    short_pid = both[1]["pid"]
+    assert jobs.cancel(long)["state"] == "cancelled"
+    assert jobs.get(short)["state"] == "running" and jobs._alive(short_pid, short)  # untouched
+    done = jobs.wait(short, timeout=600)
+    assert done["state"] == "succeeded" and done["slot"] in ("cpu0", "cpu1")
+    assert f"slot {done['slot']}" in jobs.log_tail(short, 200)
+    assert jobs.get(long)["state"] == "cancelled" and not (jobs.runs_dir() / long).exists()
+
+
+def test_slots_follow_the_gpus_and_can_be_named(monkeypatch):
+    monkeypatch.setattr(jobs, "_gpu_count", lambda: 2)
+    assert jobs.slots() == ["cuda:0", "cuda:1"]
+    assert jobs.slot_environment("cuda:1", 2) == {"COMPRESSION_SLOT": "cuda:1", "CUDA_VISIBLE_DEVICES": "1"}
+    monkeypatch.setenv("COMPRESSION_SLOTS", "cuda:0,cuda:3")
+    assert jobs.slots() == ["cuda:0", "cuda:3"]
+    monkeypatch.setenv("COMPRESSION_SLOTS", "cuda:0,gpu1")
+    with pytest.raises(jobs.JobError, match=r"slot 'gpu1'; expected cuda:N or cpu"):
+        jobs.slots()

@@ -137,6 +137,40 @@ def model_picker() -> str:
     return source
 
 
+# ------------------------------------------------------------------------------------------- hardware
+# Where models load and compute, and in which precision (compression.hardware.resolve). The choices are
+# plain strings so the sidebar draws before torch is imported; they resolve when a model loads, and a
+# device or precision this machine lacks is one line on the page.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def current_hardware() -> tuple[str, str]:
+    """The chosen ``(device, dtype)`` names (default ``auto``, ``auto``)."""
+    return st.session_state.get("_hw_device", "auto"), st.session_state.get("_hw_dtype", "auto")
+
+
+def hardware_label() -> str:
+    """What the sidebar's choice resolved to when the model loaded (``cpu, fp32``), else the choice itself."""
+    return st.session_state.get("hw_resolved") or "device {}, precision {}".format(*current_hardware())
+
+
+def hardware_picker() -> tuple[str, str]:
+    _restore("hw_device", "auto")
+    _restore("hw_dtype", "auto")
+    with st.sidebar:
+        st.subheader("Hardware")
+        left, right = st.columns(2)
+        left.selectbox("Device", DEVICES, key="hw_device", on_change=_remember, args=("hw_device",),
+                       help="auto: the first GPU where one is visible, else the CPU")
+        right.selectbox("Precision", DTYPES, key="hw_dtype", on_change=_remember, args=("hw_dtype",),
+                        help="auto: bf16 on a GPU that has it, else fp32")
+        resolved = st.session_state.get("hw_resolved")
+        if resolved:
+            st.caption(f"Computing on `{resolved}`")
+    return current_hardware()
+
+
 # ------------------------------------------------------------------------------------------- data choice
 # The chosen data is a source value (compression.data.sources.SourceSpec.to_value), kept in session state
 # and the query string as JSON. The reference model defaults to the built-in shapes; any other model has
@@ -288,22 +322,27 @@ FIRST_IMPORT_PAUSE_S = 0.5
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def _load(source: str):
+def _load(source: str, device: str = "auto", dtype: str = "auto"):
     if "torch" not in sys.modules:
         time.sleep(FIRST_IMPORT_PAUSE_S)
+    from compression.hardware import resolve
     from compression.models import load
 
-    return load(source)
+    chosen = resolve(device, dtype)
+    return load(source, device=chosen.device, dtype=chosen.dtype)
 
 
 def loaded_model(need_weights: bool = False, source: str | None = None):
-    """The chosen model (read-only, cached); on bad input a one-line error and the page stops."""
+    """The chosen model (read-only, cached) on the sidebar's hardware; on bad input (a model, or a device /
+    precision this machine lacks) a one-line error and the page stops."""
     source = source or current_source()
     try:
-        loaded = _load(source)
+        loaded = _load(source, *current_hardware())
     except (ValueError, OSError) as e:  # ModelLoadError is a ValueError: no import here, it would load torch early
         st.error(one_line(e))
         st.stop()
+    if loaded.has_weights:
+        st.session_state["hw_resolved"] = loaded.hardware_label
     if need_weights and not loaded.has_weights:
         st.info(f"`{loaded.name}` is config-only (no weights): this page needs a model with weights. "
                 "Pick the reference model, a local folder or a finished run in the sidebar.")
@@ -328,8 +367,11 @@ def shown_as_message() -> Iterator[None]:
         st.stop()
 
 
-def measured(text: str = "") -> None:
-    st.caption(f"**Measured** on this machine{': ' + text if text else ''}")
+def measured(text: str = "", hardware: str | None = None) -> None:
+    """A measured figure's label: what it was measured on (``hardware``: a run's recorded device and
+    precision; default the sidebar's, as the model loaded)."""
+    where = hardware or st.session_state.get("hw_resolved")
+    st.caption(f"**Measured** on this machine{f' ({where})' if where else ''}{': ' + text if text else ''}")
 
 
 def estimated(text: str = "") -> None:
@@ -364,6 +406,7 @@ def page_header(title: str, purpose: str) -> None:
             st.page_link(path, label=label, icon=icon)
     model_picker()
     data_picker()
+    hardware_picker()
     st.title(title)
     st.caption(purpose)
 

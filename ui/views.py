@@ -413,6 +413,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _peak(metrics: dict, key: str) -> float | None:
+    """The largest per-stage peak a run recorded (measured or predicted), in GiB."""
+    values = ((metrics.get("memory") or {}).get(key) or {}).values()
+    return round(max(values) / 2**30, 2) if values else None
+
+
 def runs_frame(runs: list[dict]) -> pd.DataFrame:
     """One row per finished run and one per distinct original it was compressed from (measured numbers)."""
     rows, originals = [], {}
@@ -434,6 +440,9 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
             "params kept (estimated)": _ratio((what_if.get("compressed") or {}).get("params_total"),
                                              (what_if.get("original") or {}).get("params_total")),
             "measured on": measured_on(run),
+            "hardware": (m.get("hardware") or {}).get("label", "cpu, fp32 (before hardware was recorded)"),
+            "peak memory GiB (measured)": _peak(m, "peak_bytes"),
+            "peak memory GiB (predicted)": _peak(m, "predicted_bytes"),
             "eval questions": m.get("eval_samples"), "finished": pd.Timestamp(run["finished"], unit="s").floor("s"),
         })
         # an original is one point per (model, evaluation data): runs scored on other data are not comparable

@@ -1,4 +1,4 @@
-"""What every command module shares: the bad-input error and the output helper."""
+"""What every command module shares: the bad-input error, the output helper, the data and hardware options."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,12 @@ class UsageError(ValueError):
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    """The command's result: JSON with ``--json``, else text; both say the hardware a model ran on, when one
+    was loaded (``load_model``)."""
+    label = getattr(args, "hardware_label", None)
+    if label:
+        payload = {**payload, "hardware": payload.get("hardware", label)}
+        text = f"{text}\n(hardware: {label})"
     print(json.dumps(payload, indent=1, default=str) if getattr(args, "json", False) else text)
 
 
@@ -45,3 +51,29 @@ def data_source(args: argparse.Namespace) -> dict | str:
     if args.split:
         value["split"] = args.split
     return value
+
+
+def add_hardware_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` / ``--dtype``, the same on every command that loads a model (``compression.hardware``)."""
+    p.add_argument("--device", help="auto (default: the first GPU where one is visible, else the CPU), cpu, cuda, "
+                                    "cuda:N or mps; overrides a recipe's hardware.device")
+    p.add_argument("--dtype", help="auto (default: bf16 on a GPU that has it, else fp32), bf16, fp16 or fp32; "
+                                   "overrides a recipe's hardware.dtype")
+
+
+def hardware(args: argparse.Namespace, device: str = "auto", dtype: str = "auto"):
+    """The resolved device and precision (the flags over the given defaults). Raises ``HardwareError`` (one
+    line; exit 2) for what is not there."""
+    from compression.hardware import resolve
+
+    return resolve(getattr(args, "device", None) or device, getattr(args, "dtype", None) or dtype)
+
+
+def load_model(args: argparse.Namespace, source: str | None = None):
+    """``compression.models.load`` of ``--model`` (or ``source``) on the chosen device, in the chosen precision."""
+    from compression.models import load
+
+    chosen = hardware(args)
+    loaded = load(source or args.model, device=chosen.device, dtype=chosen.dtype)
+    args.hardware_label = chosen.label  # emit() reports it with the result
+    return loaded

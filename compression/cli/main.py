@@ -9,13 +9,8 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from compression.cli.common import UsageError, add_data_arguments, data_source, emit
-
-
-def _load(source: str, **kwargs):
-    from compression.models import load
-
-    return load(source, **kwargs)
+from compression.cli.common import (UsageError, add_data_arguments, add_hardware_arguments, data_source, emit,
+                                    load_model)
 
 
 # ------------------------------------------------------------------------------------------ eval / ask / models
@@ -29,7 +24,7 @@ def _cmd_eval(args) -> int:
     source = open_source(data_source(args), "eval")
     selection = select(source, samples=args.samples, need_images=True,
                        on_error="skip" if args.skip_bad else "refuse")
-    loaded = _load(args.model)
+    loaded = load_model(args)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); eval needs weights — use `plan` for what-if")
     report = evaluate(loaded, selection, metric=args.metric, measure_latency=not args.no_latency,
@@ -65,7 +60,7 @@ def _cmd_ask(args) -> int:
         if not args.question.strip():
             raise UsageError("--question is empty; expected a question about the image")
         image, question, expected = load_image(args.image), args.question, None
-    loaded = _load(args.model)
+    loaded = load_model(args)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); it cannot answer")
     answer, ms = ask(loaded, image, question)
@@ -92,6 +87,7 @@ def _register_core(sub) -> None:
                    help="auto: multiple choice when records carry choices, yes/no when every answer is, else exact match")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--no-latency", action="store_true")
+    add_hardware_arguments(p)
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("ask", help="one answer to a question about an image")
     p.add_argument("--model", required=True)
@@ -99,6 +95,7 @@ def _register_core(sub) -> None:
     p.add_argument("--question")
     add_data_arguments(p, "take the image and question from a record of this data")
     p.add_argument("--record", type=int, help="record index in --data")
+    add_hardware_arguments(p)
     p.set_defaults(func=_cmd_ask)
     p = sub.add_parser("models", help="models available without typing a path")
     p.set_defaults(func=_cmd_models)

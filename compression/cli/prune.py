@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from compression.cli.common import UsageError, add_data_arguments, data_source, emit
+from compression.cli.common import UsageError, add_data_arguments, add_hardware_arguments, data_source, emit, load_model
 
 SCORER_DEFAULTS = {"layer": "block_influence", "width": "taylor"}
 
@@ -70,13 +70,11 @@ def _make_plan(args, loaded):
 
 
 def _cmd_analyze(args) -> int:
-    from compression.models import load
-
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples} must be at least 1")
     if args.kind == "tokens":
         return _analyze_tokens(args)
-    loaded = load(args.model)
+    loaded = load_model(args)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); importance needs weights")
     from compression.methods.importance import cached_importance
@@ -100,12 +98,10 @@ def _cmd_analyze(args) -> int:
 def _analyze_tokens(args) -> int:
     from compression.data.images import load_image
     from compression.methods.tokens import analyze_tokens
-    from compression.models import load
-
     if not args.image or not args.question:
         raise UsageError("--kind tokens needs --image PATH and --question TEXT")
     image = load_image(args.image)
-    loaded = load(args.model)
+    loaded = load_model(args)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); token analysis needs weights")
     result = analyze_tokens(loaded, image, args.question, layer=args.layer)
@@ -114,11 +110,10 @@ def _analyze_tokens(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from compression.models import load
     from compression.methods.prune import plan_summary, what_if
 
     _check_budget(args)
-    loaded = load(args.model)
+    loaded = load_model(args)
     plan = _make_plan(args, loaded)
     payload = plan_summary(plan)
     payload["what_if"] = what_if(loaded, plan, hardware=args.hardware, prompt_tokens=args.prompt_tokens)
@@ -142,14 +137,13 @@ def _cmd_plan(args) -> int:
 def _cmd_prune(args) -> int:
     from pathlib import Path
 
-    from compression.models import load
     from compression.methods.prune import apply_plan, plan_summary, save_pruned
 
     _check_budget(args)
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} already exists and is not empty; expected a new folder")
-    loaded = load(args.model)
+    loaded = load_model(args)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); prune needs weights — use `plan`")
     plan = _make_plan(args, loaded)
@@ -175,6 +169,7 @@ def _budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer", help="layer: block_influence|removal_loss; width: taylor|activation|magnitude; or none")
     p.add_argument("--samples", type=int, default=32, help="calibration samples for importance")
     add_data_arguments(p, "calibration data for the importance scores")
+    add_hardware_arguments(p)
 
 
 def register(sub) -> None:
@@ -187,6 +182,7 @@ def register(sub) -> None:
     p.add_argument("--image", help="image for --kind tokens")
     p.add_argument("--question", help="question for --kind tokens")
     p.add_argument("--layer", type=int, help="decoder layer for --kind tokens")
+    add_hardware_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_analyze)
 

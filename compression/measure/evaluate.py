@@ -97,20 +97,45 @@ def size_bytes(model: nn.Module, path: Path | None = None) -> int:
     return tensor_bytes(model)
 
 
+class _Clock:
+    """Wall time on the CPU; CUDA events on a GPU (recorded on the stream, read after a synchronize), so a
+    GPU's asynchronous launches are timed by when the kernels ran, not when Python queued them."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds_since(self, start) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        return time.perf_counter() - start
+
+
 @torch.no_grad()
 def _time_one(model: nn.Module, inputs: dict[str, torch.Tensor], decode_tokens: int) -> tuple[float, float | None]:
+    clock = _Clock(next(model.parameters()).device)
     # logits for the last position only, as generate computes them: a [tokens, vocab] projection
     # of the whole prompt is work no prefill does, and pruning cannot shrink it
-    start = time.perf_counter()
+    start = clock.start()
     out = model(**inputs, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - start
+    prefill = clock.seconds_since(start)
     if decode_tokens == 0:
         return prefill * 1000, None
     past = out.past_key_values
     token = out.logits[:, -1:].argmax(-1)
     mask = inputs.get("attention_mask")
     position = inputs["position_ids"][:, -1:] if "position_ids" in inputs else None
-    start = time.perf_counter()
+    start = clock.start()
     for _ in range(decode_tokens):
         step = {"input_ids": token, "past_key_values": past, "use_cache": True}
         if mask is not None:
@@ -122,7 +147,7 @@ def _time_one(model: nn.Module, inputs: dict[str, torch.Tensor], decode_tokens: 
         out = model(**step)
         past = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
-    decode = time.perf_counter() - start
+    decode = clock.seconds_since(start)
     return prefill * 1000, decode_tokens / decode
 
 

@@ -56,13 +56,26 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available()
 
 
-def launched_accelerator():
+def launched_accelerator(hardware=None):
     """The ``Accelerator`` the launch config asked for; on a CPU-only machine with several processes,
-    one that joins them over gloo (and shards with FSDP2 when the config says FSDP)."""
+    one that joins them over gloo (and shards with FSDP2 when the config says FSDP).
+
+    ``hardware`` (``compression.hardware.Hardware``): the run's chosen device and precision. The CPU keeps
+    training on the CPU even where a GPU is visible; a half precision becomes ``mixed_precision``."""
     from accelerate import Accelerator
 
-    cpu = launched_world_size() > 1 and not has_accelerator_device()
-    return enable_cpu_fsdp(Accelerator(cpu=True) if cpu else Accelerator())
+    cpu = (launched_world_size() > 1 and not has_accelerator_device()) or (
+        hardware is not None and hardware.device == "cpu" and has_accelerator_device())
+    from accelerate.state import AcceleratorState
+
+    kwargs = {"cpu": True} if cpu else {}
+    if hardware is not None and hardware.mixed_precision != "no":
+        kwargs["mixed_precision"] = hardware.mixed_precision
+    # AcceleratorState is a process-wide singleton: a bf16 recovery earlier in this process would keep
+    # autocasting a later fp32 one (and asking for another precision raises). Each recovery starts from the
+    # launch's own state (the process group, PartialState, stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return enable_cpu_fsdp(Accelerator(**kwargs))
 
 
 def check_accelerator(accelerator) -> None:

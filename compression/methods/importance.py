@@ -539,7 +539,10 @@ def unit_importances(loaded: LoadedModel, samples: "Selection | list[Record] | l
 
 def importance_path(loaded: LoadedModel, kind: str, method: str, selection: Selection | None) -> Path:
     data_key = selection.fingerprint() if selection is not None else "nodata"
-    return cache_dir() / "importance" / f"{loaded.fingerprint}-{data_key}-{kind}-{method}.csv"
+    # scores computed in another precision differ in their last digits: kept apart (fp32 keeps its old name)
+    p = next(loaded.model.parameters())
+    precision = "" if p.dtype == torch.float32 else "-" + str(p.dtype).replace("torch.", "")
+    return cache_dir() / "importance" / f"{loaded.fingerprint}-{data_key}-{kind}-{method}{precision}.csv"
 
 
 def cached_importance(loaded: LoadedModel, kind: Literal["layers", "heads", "neurons"], method: str | None = None,

@@ -69,6 +69,7 @@ class RecoveryConfig:
     checkpoint_every: int = 50
     checkpoint_dir: Path | None = None  # None: no checkpoints, no resume
     max_steps: int | None = None
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30 % slower
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "projector", "lora", "full"):
@@ -238,14 +239,19 @@ def read_checkpoint_step(checkpoint_dir: Path | None) -> int:
 
 def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples: list[Record], config: RecoveryConfig,
             teacher: nn.Module | None = None, progress: Progress | None = None, accelerator=None,
-            log: Callable[[str], None] | None = None) -> RecoveryResult:
+            log: Callable[[str], None] | None = None, hardware=None) -> RecoveryResult:
     """Train ``student`` on ``samples`` (records, prompted in ``prompt``, the model's format) as ``config`` says;
     returns the trained, merged model.
 
     ``teacher`` is required for distillation. ``progress(step, total, loss)`` is called on the
     main process after every optimizer step. If ``config.checkpoint_dir`` holds a checkpoint,
     training resumes from it. ``accelerator``: by default the one the ``accelerate launch`` config
-    asks for (``distributed.launched_accelerator``). Every process returns the full trained model.
+    asks for (``distributed.launched_accelerator``), on ``hardware`` (``compression.hardware.Hardware``) when
+    given. Every process returns the full trained model.
+
+    Precision: a student loaded in bf16 / fp16 trains its trainable parameters in fp32 (master weights, and
+    so fp32 AdamW state) under Accelerate's ``mixed_precision`` autocast; the frozen rest and the teacher stay
+    in the loaded precision. The trained model comes back in the precision it was loaded in.
     """
     log = log or (lambda msg: None)
     if config.mode == "none":
@@ -253,7 +259,7 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
     if config.distillation != "none" and teacher is None:
         raise ValueError(f"distillation {config.distillation!r} needs the teacher (the original model)")
     accelerator = (distributed.enable_cpu_fsdp(accelerator) if accelerator is not None
-                   else distributed.launched_accelerator())
+                   else distributed.launched_accelerator(hardware))
     distributed.check_accelerator(accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size < world:
@@ -266,8 +272,16 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
     total = len(schedule)
 
     student.train()
+    loaded_dtype = next(student.parameters()).dtype
+    if config.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.mode == "lora":  # frozen embeddings: the checkpointed blocks' inputs must carry gradients
+            student.enable_input_require_grads()
     model = prepare_trainable(student, anatomy, config.mode, config.lora_r, config.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # fp32 master weights (and so fp32 optimizer state); autocast computes in half
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(max(1, round(config.warmup_ratio * total)), total))
@@ -338,7 +352,10 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
     else:
         model = accelerator.unwrap_model(model)
     supervised = int(accelerator.reduce(torch.tensor(supervised, device=accelerator.device), reduction="sum").item())
-    return RecoveryResult(finish_model(model), total, start, seconds, losses, supervised)
+    model = finish_model(model)
+    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    return RecoveryResult(model.to(loaded_dtype), total, start, seconds, losses, supervised)
 
 
 def save_checkpoint(accelerator, checkpoint_dir: Path, step: int) -> None:

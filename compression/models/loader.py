@@ -60,6 +60,15 @@ class LoadedModel:
             raise ModelLoadError(f"model {self.name} is config-only (no processor); it cannot be prompted")
         return prompt_format(self.processor, self.model.config)
 
+    @property
+    def hardware_label(self) -> str:
+        """Where the weights are and in which precision, as measured figures say it: ``cpu, bf16``."""
+        p = next(self.model.parameters(), None)
+        if p is None or p.device.type == "meta":
+            return "config only"
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return f"{p.device}, {names.get(p.dtype, str(p.dtype).replace('torch.', ''))}"
+
 
 def parameter_counts(model: nn.Module, anatomy: Anatomy) -> dict[str, int]:
     """Parameters by part: ``vision``, ``projector``, ``language`` (decoder, embeddings, head), ``total``.
@@ -189,9 +198,15 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
          trust_remote_code: bool = False) -> LoadedModel:
     """Load a model, its processor and its anatomy from any supported source.
 
+    ``device`` and ``dtype`` are where the weights go and in which precision (``compression.hardware.resolve``
+    chooses them; ``dtype`` may be a torch dtype or a name: ``fp32``, ``bf16``, ``fp16``).
+
     ``trust_remote_code`` is passed to transformers only when the caller asks for it; folders
     written by ``compression.methods.prune`` load through this package's own classes without it.
     """
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp16": torch.float16, "float16": torch.float16}.get(dtype.lower(), dtype)
     kind, name, path = _resolve(source.strip())
     if kind == "hub":
         path = _hub_folder(name)
@@ -215,6 +230,18 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
     processor = load_processor(path, trust_remote_code, families.family_for(config))
     model.eval()
     return LoadedModel(model, processor, anatomy, name, kind, path, True, fingerprint_folder(path))
+
+
+def saved_dtype(folder: str | Path) -> str:
+    """The precision a model folder's weights were saved in (its config's ``dtype``), as ``fp32`` / ``bf16`` /
+    ``fp16``; ``fp32`` when the config does not say."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "fp32"
+    text = config.get("text_config") or {}
+    name = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "float32"
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(name), "fp32")
 
 
 def _load_weights(config, path: Path, device: str, dtype, trust_remote_code: bool) -> nn.Module:

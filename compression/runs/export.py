@@ -179,7 +179,7 @@ from transformers import AutoModelForImageTextToText as cls, AutoProcessor
 folder, image, text, out, remote, given = sys.argv[1:7]
 remote = remote == "1"
 given = load_file(given)
-model = cls.from_pretrained(folder, trust_remote_code=remote).eval()
+model = cls.from_pretrained(folder, trust_remote_code=remote, dtype="auto").eval()  # in the precision it was saved
 status = {"class": type(model).__name__, "processor": "loaded"}
 try:
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
@@ -223,8 +223,9 @@ def verify_export(run_model: Path, export_dir: Path, remote_code: bool) -> tuple
     from compression.data.records import single_turn
     from compression.measure.evaluate import _to_model
     from compression.models import families, load
+    from compression.models.loader import saved_dtype
 
-    original = load(str(run_model))
+    original = load(str(run_model), dtype=saved_dtype(run_model))  # a bf16 run is checked in bf16
     family = families.family_for(original.model.config)
     image = check_image()
     text = original.prompt.render(single_turn(CHECK_QUESTION), add_generation_prompt=True)

@@ -14,8 +14,12 @@ holds its name and spec, each of its jobs carries its id in the ``sweep`` column
 is cancelled or resumed as one (``cancel_sweep``, ``resume_sweep``).
 
 Scheduling is pull-based and has no daemon: ``schedule()`` marks dead workers failed (pid gone,
-or no heartbeat for ``COMPRESSION_HEARTBEAT_STALE_S``) and starts queued jobs while fewer than
-``max_concurrent()`` run. It is called on submit, by a worker when it ends, and by every reader
+or no heartbeat for ``COMPRESSION_HEARTBEAT_STALE_S``) and starts queued jobs on free *slots*.
+A slot is where one job runs (``slots()``): one per visible GPU, each worker pinned to its GPU with
+``CUDA_VISIBLE_DEVICES``; on a machine without GPUs, ``$COMPRESSION_MAX_JOBS`` CPU slots (default 1),
+each worker with the machine's cores divided between the slots (``OMP_NUM_THREADS``).
+``$COMPRESSION_SLOTS`` names them explicitly (``cuda:0,cuda:2`` or ``cpu,cpu``). A worker knows its slot
+from ``COMPRESSION_SLOT``; the job's row records it. It is called on submit, by a worker when it ends, and by every reader
 (``list_jobs``, ``get``), so a UI that polls keeps the queue moving.
 """
 from __future__ import annotations
@@ -43,7 +47,7 @@ _COLUMNS = """
     id TEXT PRIMARY KEY, name TEXT, recipe TEXT NOT NULL, state TEXT NOT NULL, stage TEXT,
     step INTEGER DEFAULT 0, total INTEGER DEFAULT 0, loss REAL, eta_s REAL, pid INTEGER,
     created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL, error TEXT,
-    run_dir TEXT, attempts INTEGER DEFAULT 0, sweep TEXT
+    run_dir TEXT, attempts INTEGER DEFAULT 0, sweep TEXT, slot TEXT
 """
 _SWEEP_COLUMNS = "id TEXT PRIMARY KEY, name TEXT NOT NULL, spec TEXT NOT NULL, created REAL NOT NULL"
 # Stores already checked for the columns added after their creation (one look per process and path).
@@ -69,6 +73,53 @@ def max_concurrent() -> int:
     if not value.isdigit() or int(value) < 1:
         raise JobError(f"COMPRESSION_MAX_JOBS={value!r}; expected a whole number >= 1")
     return int(value)
+
+
+def slots() -> list[str]:
+    """Where jobs run, one job per slot: ``cuda:N`` for each visible GPU, else ``cpu0 .. cpuK-1``
+    (``$COMPRESSION_MAX_JOBS`` of them, default 1); ``$COMPRESSION_SLOTS`` (comma-separated ``cuda:N`` or
+    ``cpu``) overrides both."""
+    named = os.environ.get("COMPRESSION_SLOTS", "").strip()
+    if named:
+        out = []
+        for i, part in enumerate(p.strip().lower() for p in named.split(",")):
+            if part == "cpu":
+                out.append(f"cpu{i}")
+            elif part.startswith("cuda:") and part[5:].isdigit():
+                out.append(part)
+            else:
+                raise JobError(f"COMPRESSION_SLOTS={named!r}: slot {part!r}; expected cuda:N or cpu, comma-separated")
+        if len(set(out)) != len(out):
+            raise JobError(f"COMPRESSION_SLOTS={named!r} names a GPU twice; expected each slot once")
+        return out
+    gpus = _gpu_count()
+    if gpus:
+        return [f"cuda:{i}" for i in range(gpus)]
+    return [f"cpu{i}" for i in range(max_concurrent())]
+
+
+def _gpu_count() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def slot_environment(slot: str, n_slots: int) -> dict[str, str]:
+    """What a worker on ``slot`` gets: its one GPU (``CUDA_VISIBLE_DEVICES``), or no GPU and its share of
+    the CPU cores; ``COMPRESSION_SLOT`` names the slot."""
+    env = {"COMPRESSION_SLOT": slot}
+    if slot.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = slot.split(":", 1)[1]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if n_slots > 1 or "OMP_NUM_THREADS" not in os.environ:
+            share = max(1, (os.cpu_count() or 1) // n_slots)
+            env["OMP_NUM_THREADS"] = str(min(share, int(os.environ.get("OMP_NUM_THREADS", share))))
+    return env
 
 
 def heartbeat_interval() -> float:
@@ -122,12 +173,14 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
     key = str(db_path())
     if key in _schema_checked:
         return
-    if "sweep" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
-        try:  # a store written before sweeps existed
-            conn.execute("ALTER TABLE jobs ADD COLUMN sweep TEXT")
-        except sqlite3.OperationalError as e:
-            if "duplicate column" not in str(e):  # another process added it first
-                raise
+    present = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    for column in ("sweep", "slot"):  # a store written before sweeps / slots existed
+        if column not in present:
+            try:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):  # another process added it first
+                    raise
     _schema_checked.add(key)
 
 
@@ -348,19 +401,24 @@ def schedule() -> list[str]:
         queued = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
     dead = {(j["id"], j["pid"]): reason for j in running if (reason := _death_reason(j, now))}
     started: list[str] = []
-    if dead or (queued and len(running) < max_concurrent()):
+    every = slots()
+    if dead or (queued and len(running) < len(every)):
         with _db(immediate=True) as conn:
             for (job_id, pid), reason in dead.items():
                 changed = conn.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? AND "
                                        "state = 'running' AND pid IS ?", (now, reason, job_id, pid)).rowcount
                 if changed:
                     _append_log(job_id, f"[scheduler] marked failed: {reason}")
-            free = max_concurrent() - conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'").fetchone()[0]
+            busy = {r["slot"] for r in conn.execute("SELECT slot FROM jobs WHERE state = 'running'")}
+            free = [slot for slot in every if slot not in busy]
+            # running jobs from before slots existed (no slot recorded) still take one each
+            free = free[:max(0, len(every) - conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'")
+                             .fetchone()[0])]
             waiting = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created, id")]
-            for job_id in waiting[:max(0, free)]:
+            for job_id, slot in zip(waiting, free):
                 conn.execute("UPDATE jobs SET state = 'running', stage = 'starting', started = ?, heartbeat = ?, "
-                             "pid = NULL, attempts = attempts + 1 WHERE id = ?", (now, now, job_id))
-                process = _spawn(job_id)
+                             "pid = NULL, attempts = attempts + 1, slot = ? WHERE id = ?", (now, now, slot, job_id))
+                process = _spawn(job_id, slot_environment(slot, len(every)))
                 _children[job_id] = process
                 conn.execute("UPDATE jobs SET pid = ? WHERE id = ?", (process.pid, job_id))
                 started.append(job_id)
@@ -370,10 +428,10 @@ def schedule() -> list[str]:
     return started
 
 
-def _spawn(job_id: str) -> subprocess.Popen:
+def _spawn(job_id: str, slot_env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(log_path(job_id), "ab")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **(slot_env or {}))
     try:
         # start_new_session: the worker leads its own process group, so cancel can signal all of it
         # and closing the terminal or the app does not kill it.
@@ -493,6 +551,12 @@ def run_worker(job_id: str) -> int:
     print(f"[worker {pid}] job {job_id}, attempt {job['attempts']}", flush=True)
     try:
         recipe = Recipe.from_yaml(job["recipe"])
+        slot = os.environ.get("COMPRESSION_SLOT", "")
+        print(f"[worker {pid}] slot {slot or 'none'}", flush=True)
+        if slot.startswith("cuda:") and recipe.hardware.device.startswith("cuda"):
+            recipe.hardware = recipe.hardware.model_copy(update={"device": "cuda"})  # its one visible GPU
+        elif slot.startswith("cpu"):
+            recipe.hardware = recipe.hardware.model_copy(update={"device": "cpu"})
         pipeline.run_recipe(recipe, runs_dir() / job_id, progress=reporter, work_dir=work,
                             log=lambda line: print(line, flush=True), overwrite=True,
                             extra_logs={"worker.log": log_path(job_id)})

@@ -29,8 +29,9 @@ from typing import Any, Callable
 
 import torch
 
+from compression import hardware
 from compression.data.sources import Selection, open_source, select
-from compression.measure import evaluate
+from compression.measure import evaluate, memory_plan, peaks as stage_peaks
 from compression.methods import prune, quantize, recover, tokens
 from compression.models import LoadedModel, families, load, parameter_counts
 from compression.runs import shared
@@ -91,9 +92,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
         if progress is not None:
             progress(name, step, total, loss)
 
+    chosen = hardware.resolve(recipe.hardware.device, recipe.hardware.dtype)  # one line if it is not there
+    say(f"hardware: {chosen.label}")
     seed = recipe.recovery.seed
     torch.manual_seed(seed)
     work = Path(work_dir) if work_dir is not None else None
+    peaks = stage_peaks.StagePeaks(chosen)
 
     # ---------------------------------------------------------------- load
     stage("load")
@@ -101,19 +105,24 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
     selections = data_selections(recipe, seed)
     for role, selection in selections.items():
         say(f"data for {role}: {selection.describe()}")
-    original = load(recipe.model)
+    original = load(recipe.model, device=chosen.device, dtype=chosen.dtype)
     if not original.has_weights:
         raise ValueError(f"model {recipe.model} is config-only (no weights); a run needs weights")
     original.model.requires_grad_(False)
     say(f"loaded {original.name}: {parameter_counts(original.model, original.anatomy)['total']:,} parameters; "
         f"prompted with {original.prompt.name}")
     timings["load_s"] = time.time() - t
+    peaks.record("load")
 
     # ---------------------------------------------------------------- prune
     stage("prune")
     t = time.time()
-    student, plan = _pruned_student(recipe, original, work, say, selections.get("calibration"))
+    student, plan = _pruned_student(recipe, original, work, say, selections.get("calibration"), chosen)
     timings["prune_s"] = time.time() - t
+    peaks.record("prune")
+    predicted = memory_plan.plan_for_recipe(original, recipe, hardware.device_memory(chosen)[0], chosen.dtype_name,
+                                            plan=plan)
+    say(f"memory plan: predicted peak {predicted['peak_bytes'] / 2**30:.2f} GiB on {chosen.label}")
 
     # ---------------------------------------------------------------- recover
     stage("recover")
@@ -129,11 +138,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
             hidden_layers=mapping, epochs=spec.epochs, learning_rate=spec.learning_rate,
             batch_size=spec.batch_size, seed=seed, lora_r=spec.lora_r, lora_alpha=spec.lora_alpha,
             checkpoint_every=spec.checkpoint_every, max_steps=spec.max_steps,
+            gradient_checkpointing=spec.gradient_checkpointing,
             checkpoint_dir=work / "checkpoint" if work is not None else None)
         say(f"recovery: {spec.mode}, distillation {spec.distillation}, on {samples.describe()}, "
             f"{spec.epochs} epoch(s)")
         result = recover.recover(student.model, student.anatomy, student.prompt, samples, config,
-                                 teacher=original.model, log=say,
+                                 teacher=original.model, log=say, hardware=chosen,
                                  progress=lambda step, total, loss: stage("recover", step, total, loss))
         student.model = result.model
         if not _is_main_process():
@@ -147,6 +157,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
                              hidden_layers={str(k): v for k, v in mapping.items()}
                              if "hidden" in spec.distillation else None)
     timings["recover_s"] = time.time() - t
+    peaks.record("recover")
 
     # ---------------------------------------------------------------- quantize
     stage("quantize")
@@ -167,7 +178,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
     metrics = _measure(original, student, selections["eval"], recipe.data.eval, generate_fn, inputs_fn, plan, say)
     metrics["data"] = {role: selection.summary() for role, selection in selections.items()}
     metrics["prompt"] = original.prompt.name
+    metrics["hardware"] = chosen.to_dict()
     timings["evaluate_s"] = time.time() - t
+    peaks.record("evaluate")
 
     # ---------------------------------------------------------------- save
     stage("save")
@@ -179,8 +192,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
         metrics["compressed"]["size_bytes"] = evaluate.size_bytes(student.model, tmp / "model")
         metrics["kept"]["size"] = metrics["compressed"]["size_bytes"] / metrics["original"]["size_bytes"]
         timings["total_s"] = time.time() - started
+        peaks.record("save")
         metrics.update(recipe=recipe.to_dict(), recovery=recovery_info,
-                       timings={k: round(v, 2) for k, v in timings.items()})
+                       timings={k: round(v, 2) for k, v in timings.items()},
+                       memory={**peaks.to_dict(), "predicted_bytes": {k: v["total"] for k, v in
+                                                                      predicted["stages"].items()}})
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
         say(f"accuracy {metrics['original']['accuracy']:.1%} -> {metrics['compressed']['accuracy']:.1%}, "
@@ -199,11 +215,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
 
 
 def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, say,
-                    calibration: Selection | None):
+                    calibration: Selection | None, chosen=None):
     """The student before recovery: a pruned copy of the original (or the copy kept in ``work``)."""
     kept = work / "pruned" if work is not None else None
     if kept is not None and (kept / "config.json").is_file():
-        student = load(str(kept))
+        where = {"device": chosen.device, "dtype": chosen.dtype} if chosen is not None else {}
+        student = load(str(kept), **where)
         plan = prune.load_plan(kept / "pruning_plan.json") if (kept / "pruning_plan.json").is_file() else None
         say(f"resuming with the pruned model kept in {kept}")
         return student, plan

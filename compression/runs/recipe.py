@@ -80,6 +80,7 @@ class RecoverySpec(_Strict):
     lora_alpha: int = Field(32, ge=1)
     checkpoint_every: int = Field(50, ge=1)       # steps between resumable checkpoints
     max_steps: int | None = Field(None, ge=1)     # cap on optimizer steps (None: epochs decide)
+    gradient_checkpointing: bool = False          # recompute activations in the backward (less memory)
 
     @field_validator("hidden_layers", mode="before")
     @classmethod
@@ -163,6 +164,25 @@ class DataSpec(_Strict):
     eval: DataUse | None = None          # accuracy of the original and the compressed model; default 500 records
 
 
+class HardwareSpec(_Strict):
+    """Where the run computes and in which precision (``compression.hardware.resolve``). ``auto``: the first
+    GPU in bf16 where one is present and supports it, else the CPU in fp32. Whether the device exists is
+    checked when the run starts (a recipe written on a GPU machine runs on the CPU with ``--device cpu``)."""
+
+    device: str = "auto"   # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        v = v.strip().lower()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
 DEFAULT_CALIBRATION_SAMPLES = 10   # the paper: Taylor on 10 samples
 DEFAULT_TRAIN_FRACTION = 0.05      # the paper's headline setting
 DEFAULT_EVAL_SAMPLES = 500
@@ -176,6 +196,7 @@ class Recipe(_Strict):
     quantize: QuantizeFormat = "none"
     visual_tokens: VisualTokensSpec = VisualTokensSpec()
     data: DataSpec = DataSpec()
+    hardware: HardwareSpec = HardwareSpec()
 
     @model_validator(mode="after")
     def _data_for_model(self) -> "Recipe":

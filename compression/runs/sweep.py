@@ -518,7 +518,7 @@ def estimate(points: Sequence[Point], history: Iterable[dict[str, Any]] | None =
         for p in mine:
             total += (rates["start"] + rates["base"] + rates["question"] * eval_records(p.recipe)
                       + _recovery_seconds(p.recipe, runs))
-    return Estimate(len(points), total / jobs.max_concurrent(), "; ".join(bases))
+    return Estimate(len(points), total / len(jobs.slots()), "; ".join(bases))  # runs spread over the slots
 
 
 def _rates(runs: list[dict[str, Any]]) -> tuple[dict[str, float], str]:
