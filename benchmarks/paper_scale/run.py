@@ -244,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--device", default="cuda")
             p.add_argument("--dtype", default="bf16")
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # SweepError, RecipeError, ModelLoadError, a plan the config cannot give: one line
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
