@@ -72,7 +72,9 @@ def outlier_selection(source: DataSource, n: int, start: int = OUTLIER_START) ->
 
 def prompt_inputs(loaded: models.LoadedModel, records: list[Record]) -> dict[str, torch.Tensor]:
     """Generation inputs for the records' prompts, as evaluation builds them (the model's prompt format)."""
-    return dict(record_generation_inputs(loaded.prompt, records, [r.prompt_messages for r in records]))
+    p = next(loaded.model.parameters())  # on the model's device; pixels in its dtype (a bf16 run on a GPU)
+    inputs = record_generation_inputs(loaded.prompt, records, [r.prompt_messages for r in records])
+    return {k: v.to(p.device, dtype=p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
 
 
 # ------------------------------------------------------------------------------------------ 1. outliers
@@ -261,6 +263,9 @@ def main() -> None:
     parser.add_argument("--data", default="shapes",
                         help="records: 'shapes' (the reference model's ShapesVQA), a LLaVA-format .json/.jsonl file "
                              "or a Hugging Face dataset folder / parquet file")
+    parser.add_argument("--image-root", help="folder the records' image paths are relative to (default: the file's)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (benchmarks/paper_scale runs it on a GPU)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--outlier-samples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -274,13 +279,15 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     try:
-        source = open_source(args.data, "eval")
+        source = open_source({"path": args.data, "image_root": args.image_root} if args.image_root else args.data,
+                             "eval")
         test = select(source, samples=args.samples, need_images=True)
         outlier_records = outlier_selection(source, args.outlier_samples).records
     except DataError as e:
         parser.error(str(e))
     records = test.records
-    loaded = models.load(args.model)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    loaded = models.load(args.model, device=args.device, dtype=dtype)
     print(f"model {loaded.name}: {loaded.anatomy.visual_tokens} visual tokens, hidden {loaded.anatomy.hidden_size}, "
           f"{loaded.anatomy.num_layers} decoder layers; torch threads {torch.get_num_threads()}")
 

@@ -19,7 +19,8 @@ padding up to a multiple of 64) are drawn from a normal with the old rows' mean 
 Keys are written with the names ``LlavaForConditionalGeneration`` has in transformers 5
 (``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.linear_1/2``, ``lm_head``).
 
-Nothing is held twice: tensors are read lazily from the source shards (safetensors, or mmap-ed ``.bin``) and written
+Nothing is held twice: tensors are read lazily from the source shards (safetensors, or mmap-ed ``.bin``; opened and
+checked by ``compression.models.checkpoint``, the loader's own header checks) and written
 shard by shard into a temporary folder that is renamed to the destination only when complete. Every refusal is a
 :class:`ConversionError` with one line naming the value and what was expected.
 """
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from compression.models.checkpoint import WeightFiles, read_json
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -150,66 +153,9 @@ class ConversionReport:
 
 # --------------------------------------------------------------------------------------------- reading weights
 
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-class _Weights:
-    """Lazy access to the tensors of a folder's safetensors or ``.bin`` shards."""
-
-    def __init__(self, folder: Path, what: str):
-        self.what = what
-        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-        for index in (folder / "model.safetensors.index.json", folder / "pytorch_model.bin.index.json"):
-            if index.is_file():
-                named = set(_read_json(index, "a shard index").get("weight_map", {}).values())
-                missing = sorted(n for n in named if not (folder / n).is_file())
-                if missing:
-                    raise ConversionError(f"{index} names shard {missing[0]}, which is not in {folder}; expected "
-                                          f"all {len(named)} shards it lists")
-        self._where: dict[str, Path] = {}
-        self._open: dict[Path, Any] = {}
-        for f in files:
-            for key in self._handle(f).keys():
-                self._where[key] = f
-
-    def _handle(self, f: Path):
-        if f not in self._open:
-            try:
-                if f.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    self._open[f] = safe_open(str(f), framework="pt", device="cpu")
-                else:
-                    try:  # zip-format checkpoints are mapped, not read
-                        self._open[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-                    except RuntimeError:
-                        self._open[f] = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unreadable shard means the same to the user
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise ConversionError(f"{f} cannot be read ({first}); expected complete {self.what} weights") from None
-        return self._open[f]
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def origin(self, key: str) -> str:
-        return str(self._where[key])
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        handle = self._handle(self._where[key])
-        if isinstance(handle, dict):
-            return tuple(handle[key].shape)
-        return tuple(handle.get_slice(key).get_shape())
-
-    def dtype(self, key: str) -> torch.dtype:
-        handle = self._handle(self._where[key])
-        if isinstance(handle, dict):
-            return handle[key].dtype
-        return _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype(), torch.float32)
-
-    def get(self, key: str) -> torch.Tensor:
-        handle = self._handle(self._where[key])
-        return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+def _weights(folder: Path, what: str) -> WeightFiles:
+    """The source's weights, read through the loader's own header checks (``compression.models.checkpoint``)."""
+    return WeightFiles(folder, what, error=ConversionError)
 
 
 @dataclass
@@ -217,7 +163,7 @@ class _Planned:
     """One output tensor: where it comes from and its shape in the converted model."""
 
     target: str
-    weights: _Weights
+    weights: WeightFiles
     key: str
     shape: tuple[int, ...]
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -226,13 +172,7 @@ class _Planned:
 # --------------------------------------------------------------------------------------------- the source
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} cannot be read as JSON ({e}); expected {what}") from None
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path} is not a JSON object; expected {what}")
-    return raw
+    return read_json(path, what, error=ConversionError)
 
 
 def detect_format(raw: dict[str, Any], where: str = "config.json") -> SourceFormat:
@@ -312,14 +252,14 @@ def _local_snapshot(name: str | None) -> Path | None:
 @dataclass
 class _Vision:
     config: Any
-    weights: _Weights
+    weights: WeightFiles
     keys: dict[str, str]           # key relative to the tower -> key in ``weights``
     image_mean: list[float]
     image_std: list[float]
     came_from: str
 
 
-def _vision_tower(fmt: SourceFormat, raw: dict[str, Any], src: Path, weights: _Weights,
+def _vision_tower(fmt: SourceFormat, raw: dict[str, Any], src: Path, weights: WeightFiles,
                   vision_tower: str | Path | None) -> _Vision:
     from transformers import AutoConfig, CLIPVisionConfig, SiglipVisionConfig
 
@@ -360,7 +300,7 @@ def _vision_tower(fmt: SourceFormat, raw: dict[str, Any], src: Path, weights: _W
         if folder is not None:
             came_from = f"{src} (config: {folder})"
     else:
-        tower_weights = _Weights(folder, "vision tower")
+        tower_weights = _weights(folder, "vision tower")
         if not tower_weights.keys():
             raise ConversionError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin) and {src} holds no "
                                   "vision tower; expected the tower's weights in one of them")
@@ -415,7 +355,7 @@ def _add_tokens(tokenizer) -> tuple[int, int, int]:
 class _NewRows:
     """The new embedding / lm_head rows: N(mean, 1e-5 * covariance) of the old embedding rows, seeded."""
 
-    def __init__(self, weights: _Weights, embed_key: str, rows: int, initialise: tuple[int, int], seed: int = 0):
+    def __init__(self, weights: WeightFiles, embed_key: str, rows: int, initialise: tuple[int, int], seed: int = 0):
         self.weights, self.embed_key, self.rows, self.initialise, self.seed = weights, embed_key, rows, initialise, seed
         self._tril: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -548,13 +488,13 @@ def _dtype(name: str, default: torch.dtype) -> torch.dtype:
     return choices[name]
 
 
-def _open_source(src: Path) -> tuple[dict[str, Any], SourceFormat, _Weights]:
+def _open_source(src: Path) -> tuple[dict[str, Any], SourceFormat, WeightFiles]:
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} has no config.json; expected an original LLaVA or Bunny checkpoint folder")
     raw = _read_json(src / "config.json", "the checkpoint's config")
     fmt = detect_format(raw, str(src / "config.json"))
     _check_multimodal_fields(fmt, raw, str(src / "config.json"))
-    weights = _Weights(src, fmt.title)
+    weights = _weights(src, fmt.title)
     if not weights.keys():
         raise ConversionError(f"{src} has no weights (*.safetensors or pytorch_model*.bin); expected the checkpoint's")
     if (src / "adapter_config.json").is_file() and not any(k.startswith("model.layers.") for k in weights.keys()):
@@ -593,7 +533,7 @@ class _Vocabulary:
     initialise: tuple[int, int]
 
 
-def _vocabulary(tokenizer, weights: _Weights, text_config, where: str) -> _Vocabulary:
+def _vocabulary(tokenizer, weights: WeightFiles, text_config, where: str) -> _Vocabulary:
     """Add the tokens; the embedding matrix grows (to a multiple of 64) only when the tokenizer outgrows it."""
     rows_before = weights.shape(EMBED)[0]
     if text_config.vocab_size != rows_before:
@@ -633,7 +573,7 @@ def _llava_config(fmt: SourceFormat, raw: dict[str, Any], text, vision: _Vision,
     return config
 
 
-def _plan(weights: _Weights, vision: _Vision, vocabulary: _Vocabulary, expected: dict[str, tuple[int, ...]],
+def _plan(weights: WeightFiles, vision: _Vision, vocabulary: _Vocabulary, expected: dict[str, tuple[int, ...]],
           seed: int) -> list[_Planned]:
     new_rows = _NewRows(weights, EMBED, vocabulary.rows_after, vocabulary.initialise, seed)
     planned: list[_Planned] = []

@@ -13,6 +13,13 @@ layers, attention q/k/v/o and MLP projections — and the sizes pruning needs (h
 ``head_dim``, per-layer widths, visual tokens per image). It is built by the model's family description
 (``compression.models.families``, registered by ``model_type``); the model class and the processor
 (built without torchvision where the stock one needs it) come from there too.
+
+A broken folder is refused in one line (``ModelLoadError``) naming the file and what was expected, before the
+weights are read where the headers tell (``compression.models.checkpoint``: a truncated or corrupt safetensors
+file, a shard the index names but the folder lacks, a config whose shapes disagree with the weights, a weight
+the model needs that no file holds; missing tokenizer or image-processor files) and from transformers' loading
+report after (the same, for folders in a naming transformers maps while loading): transformers itself would
+initialise a missing or mis-shaped weight at random with a warning and go on.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from torch import nn
 
 from compression.models import families
 from compression.models.anatomy import Anatomy, ModelLoadError  # noqa: F401 - re-exported
+from compression.models.checkpoint import INDEX_FILES, WeightFiles, check_against_model, weight_file_names
 from compression.models.catalog import CONFIGS_PATH, REFERENCE_PATH, shipped_configs  # noqa: F401 - re-exported
 from compression.models.families import anatomy_from_config  # noqa: F401 - re-exported
 from compression.models.families.processors import load_processor as _family_processor
@@ -176,7 +184,9 @@ def _resolve(source: str) -> tuple[SourceKind, str, Path | None]:
                              "folder with config.json, a config.json, 'config:<name>' or a hub id 'org/name'")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model folder {path} has no config.json; expected a Hugging Face model folder")
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    # a folder whose index names shards is a weights folder even when they are gone (refused, not what-if)
+    has_weights = (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+                   or any((path / index).is_file() for index in INDEX_FILES))
     return ("local" if has_weights else "config"), str(path), path
 
 
@@ -222,12 +232,16 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
         model = model_from_config(config)
         return LoadedModel(model, None, anatomy, name, kind, path, False,
                            hashlib.sha1(config_path.read_bytes()).hexdigest()[:16])
+    # everything cheap first (files present, headers whole and agreeing with the config, the processor), so a
+    # broken folder is refused before gigabytes are read
+    _check_processor_files(path)
+    _check_weight_files(config, path)
+    processor = load_processor(path, trust_remote_code, families.family_for(config))
     model = _load_weights(config, path, device, dtype, trust_remote_code)
     if getattr(config, "quantization_config", None):
         from compression.models.bnb_cpu import prepare_bnb_for_cpu  # bitsandbytes' fast 4-bit CPU kernel needs aligned sizes
 
         prepare_bnb_for_cpu(model)
-    processor = load_processor(path, trust_remote_code, families.family_for(config))
     model.eval()
     return LoadedModel(model, processor, anatomy, name, kind, path, True, fingerprint_folder(path))
 
@@ -244,14 +258,88 @@ def saved_dtype(folder: str | Path) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(str(name), "fp32")
 
 
+# A tokenizer is one of these files (fast, sentencepiece, byte-level BPE, WordPiece, Mistral's tekken); the image
+# processor's settings are preprocessor_config.json, or the image_processor entry of processor_config.json
+# (what transformers 5's ``processor.save_pretrained`` writes).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+
+
+def _check_processor_files(path: Path) -> None:
+    """Refuse a folder without tokenizer or image-processor files, naming what is missing."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}); "
+                             "expected the model's tokenizer files beside config.json (processor.save_pretrained "
+                             "writes them)")
+    if (path / "preprocessor_config.json").is_file():
+        return
+    processor_config = path / "processor_config.json"
+    if processor_config.is_file():
+        try:
+            if "image_processor" in json.loads(processor_config.read_text()):
+                return
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{processor_config} is not valid JSON ({e.msg}); expected the processor's "
+                                 "config as processor.save_pretrained writes it") from None
+    raise ModelLoadError(f"{path} has no image processor config (preprocessor_config.json, or processor_config.json "
+                         "with an image_processor entry); expected the files processor.save_pretrained writes")
+
+
+def _check_weight_files(config, path: Path) -> None:
+    """Headers only: every shard the index names present, every safetensors file whole and, for a folder in the
+    model's own naming, every tensor shaped as the config implies and none the model needs absent."""
+    files = weight_file_names(path)
+    if not files or not all(f.suffix == ".safetensors" for f in files):
+        return  # .bin checkpoints have no header to read; transformers' loading report is checked after
+    weights = WeightFiles(path, _model_class(config).__name__)
+    if not getattr(config, "quantization_config", None):  # quantized folders store packed shapes
+        check_against_model(weights, model_from_config(config), path / "config.json")
+
+
 def _load_weights(config, path: Path, device: str, dtype, trust_remote_code: bool) -> nn.Module:
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
     kwargs = {"dtype": dtype, "device_map": device} if device != "cpu" else {"dtype": dtype}
+    # transformers logs a "LOAD REPORT" table for missing / mismatched / unexpected keys and goes on; its
+    # findings are refused below in one line instead
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(hf_logging.ERROR)
     try:
-        return _model_class(config).from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
-                                                    **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
+        model, info = _model_class(config).from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load weights from {path}: {first}") from None
+    finally:
+        report_logger.setLevel(level)
+    problem = _loading_problem(info, path)
+    if problem:
+        del model  # nothing half-loaded is handed on
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise ModelLoadError(problem)
+    return model
+
+
+def _loading_problem(info: dict[str, Any], path: Path) -> str | None:
+    """One line for what transformers' loading report found, or None when every weight loaded as stored."""
+    config = path / "config.json"
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        key, stored, wanted = mismatched[0]
+        return (f"{key} is {list(stored)} in {path} but {config} implies {list(wanted)}; the config disagrees "
+                f"with the weights ({len(mismatched)} tensor(s))")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        return (f"{path} lacks {len(missing)} weight(s) {config} implies, e.g. {missing[0]}; expected every weight "
+                "of the model (transformers would initialise them at random)")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        return (f"{path} holds {len(unexpected)} weight(s) {config} has no place for, e.g. {unexpected[0]}; the "
+                "config disagrees with the weights (a layer count or module the config does not describe)")
+    return None
 
 
 def load_processor(path: Path, trust_remote_code: bool = False, family: "families.Family | None" = None):
