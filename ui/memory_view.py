@@ -20,18 +20,20 @@ def plan_table(plan: dict, device_label: str) -> None:
     """Each stage's predicted peak by part (GiB), whether it fits the device, and what would make it fit."""
     import pandas as pd
 
-    rows = []
-    for stage, parts in plan["stages"].items():
-        rows.append({"stage": stage, **{k: round(v / GIB, 2) for k, v in parts.items()}})
-    st.dataframe(pd.DataFrame(rows).set_index("stage"), width="stretch")
+    order = ["weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "teacher", "total"]
+    small = plan["peak_bytes"] < GIB
+    unit, scale = ("MiB", 2**20) if small else ("GiB", GIB)
+    rows = [{"stage": stage, **{part: round(parts[part] / scale, 1 if small else 2) if part in parts else None
+                                for part in order}} for stage, parts in plan["stages"].items()]
+    frame = pd.DataFrame(rows).set_index("stage").dropna(axis=1, how="all")
+    st.dataframe(frame.rename(columns=lambda c: f"{c.replace('_', ' ')} ({unit})"), width="stretch")
     device = plan.get("device_bytes")
-    where = f"{device_label}, {device / GIB:.1f} GiB" if device else device_label
-    peak = plan["peak_bytes"] / GIB
+    where = f"the device ({device_label}: {device / GIB:.1f} GiB)" if device else f"the device ({device_label})"
+    peak = f"{plan['peak_bytes'] / scale:.1f} {unit}" if small else f"{plan['peak_bytes'] / GIB:.2f} GiB"
+    how = f"in {plan['dtype']}, {plan['sequence_tokens']} tokens a sample; the runtime's own memory comes on top"
     if plan["fits"] is None:
-        st.caption(f"**Estimated** peak {peak:.2f} GiB ({plan['dtype']}, {plan['sequence_tokens']} tokens a sample); "
-                   "the device's memory is unknown")
+        st.caption(f"**Estimated** peak {peak} ({how}); the device's memory is unknown")
     elif plan["fits"]:
-        st.caption(f"**Estimated** peak {peak:.2f} GiB: fits {where} ({plan['dtype']}, "
-                   f"{plan['sequence_tokens']} tokens a sample)")
+        st.caption(f"**Estimated** peak {peak}: fits {where} ({how})")
     else:
-        st.warning(f"Estimated peak {peak:.2f} GiB does not fit {where}. Would fit: {plan['suggestion']}")
+        st.warning(f"Estimated peak {peak} does not fit {where}. Would fit: {plan['suggestion']}")
