@@ -343,6 +343,12 @@ def loaded_model(need_weights: bool = False, source: str | None = None):
         st.stop()
     if loaded.has_weights:
         st.session_state["hw_resolved"] = loaded.hardware_label
+        placement = loaded.extras.get("placement") or {}
+        if placement.get("offloaded"):
+            st.warning(f"`{loaded.name}` ({placement['weights_bytes'] / 2**30:.1f} GiB of weights) does not fit the "
+                       f"device, so it is offloaded ({loaded.hardware_label}): every forward pass reads the "
+                       "offloaded weights back in, so answers are the same and every measured time here is slower, "
+                       "by how much the latency figures on this page show.")
     if need_weights and not loaded.has_weights:
         st.info(f"`{loaded.name}` is config-only (no weights): this page needs a model with weights. "
                 "Pick the reference model, a local folder or a finished run in the sidebar.")

@@ -45,9 +45,19 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its parameters' device, or for a model placed by Accelerate
+    (``hf_device_map``, some parts offloaded to the CPU or disk) the first device it computes on."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        first = next((w for w in placed.values() if str(w) not in ("cpu", "disk")), "cpu")
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else first if first != "disk" else "cpu")
+    return next(model.parameters()).device
+
+
 def _to_model(inputs, model: nn.Module) -> dict[str, torch.Tensor]:
-    p = next(model.parameters())
-    return {k: (v.to(p.device, dtype=p.dtype) if k == "pixel_values" and v.is_floating_point() else v.to(p.device))
+    device, dtype = input_device(model), next(model.parameters()).dtype
+    return {k: (v.to(device, dtype=dtype) if k == "pixel_values" and v.is_floating_point() else v.to(device))
             for k, v in dict(inputs).items()}
 
 
@@ -123,7 +133,7 @@ class _Clock:
 
 @torch.no_grad()
 def _time_one(model: nn.Module, inputs: dict[str, torch.Tensor], decode_tokens: int) -> tuple[float, float | None]:
-    clock = _Clock(next(model.parameters()).device)
+    clock = _Clock(input_device(model))
     # logits for the last position only, as generate computes them: a [tokens, vocab] projection
     # of the whole prompt is work no prefill does, and pruning cannot shrink it
     start = clock.start()

@@ -72,9 +72,13 @@ class LoadedModel:
     def hardware_label(self) -> str:
         """Where the weights are and in which precision, as measured figures say it: ``cpu, bf16``."""
         p = next(self.model.parameters(), None)
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        placement = self.extras.get("placement")
+        if p is not None and placement and placement["offloaded"]:
+            where = " + ".join(f"{w} ({n} modules)" for w, n in placement["modules"].items())
+            return f"offloaded: {where}, {names.get(p.dtype, str(p.dtype).replace('torch.', ''))}"
         if p is None or p.device.type == "meta":
             return "config only"
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         return f"{p.device}, {names.get(p.dtype, str(p.dtype).replace('torch.', ''))}"
 
 
@@ -205,7 +209,8 @@ def _hub_folder(repo_id: str) -> Path:
 
 
 def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
-         trust_remote_code: bool = False) -> LoadedModel:
+         trust_remote_code: bool = False, offload: bool | Literal["auto"] = "auto",
+         max_memory: dict[Any, int | str] | None = None) -> LoadedModel:
     """Load a model, its processor and its anatomy from any supported source.
 
     ``device`` and ``dtype`` are where the weights go and in which precision (``compression.hardware.resolve``
@@ -213,6 +218,12 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
 
     ``trust_remote_code`` is passed to transformers only when the caller asks for it; folders
     written by ``compression.methods.prune`` load through this package's own classes without it.
+
+    A model whose weights do not fit the device (``offload="auto"``: more than 90 % of its free memory), or
+    any model when ``offload`` is True or ``max_memory`` is given, loads through Accelerate's big-model
+    inference: ``device_map="auto"`` fills the device, then the CPU, then an offload folder on disk
+    (``cache/offload/``), and moves each module's weights in for its forward pass. ``extras["placement"]``
+    says where the parts went; it answers the same, only slower.
     """
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -237,13 +248,67 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
     _check_processor_files(path)
     _check_weight_files(config, path)
     processor = load_processor(path, trust_remote_code, families.family_for(config))
-    model = _load_weights(config, path, device, dtype, trust_remote_code)
+    placement = _placement(path, device, dtype, offload, max_memory)
+    model = _load_weights(config, path, device, dtype, trust_remote_code, placement)
     if getattr(config, "quantization_config", None):
         from compression.models.bnb_cpu import prepare_bnb_for_cpu  # bitsandbytes' fast 4-bit CPU kernel needs aligned sizes
 
         prepare_bnb_for_cpu(model)
     model.eval()
-    return LoadedModel(model, processor, anatomy, name, kind, path, True, fingerprint_folder(path))
+    loaded = LoadedModel(model, processor, anatomy, name, kind, path, True, fingerprint_folder(path))
+    if placement:
+        where = list(getattr(model, "hf_device_map", {}).values())
+        loaded.extras["placement"] = {
+            "offloaded": any(str(w) in ("cpu", "disk") for w in where) if device != "cpu" else "disk" in where,
+            "modules": {str(w): where.count(w) for w in dict.fromkeys(where)},
+            "weights_bytes": placement["weights_bytes"], "max_memory": placement["max_memory"]}
+    return loaded
+
+
+def _weights_bytes(path: Path, dtype: torch.dtype) -> int:
+    """The weights' bytes once loaded in ``dtype``, from the safetensors headers (no tensor is read)."""
+    files = weight_file_names(path)
+    if not files or not all(f.suffix == ".safetensors" for f in files):
+        return sum(f.stat().st_size for f in files)
+    weights = WeightFiles(path, "the model's")
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for key in weights.keys():
+        numel = 1
+        for d in weights.shape(key):
+            numel *= d
+        total += numel * (size if weights.dtype(key).is_floating_point else weights.dtype(key).itemsize)
+    return total
+
+
+def _free_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(int(device.split(":")[1]) if ":" in device else 0)
+        return int(free)
+    from compression.hardware import cpu, device_memory
+
+    return device_memory(cpu())[1]
+
+
+def _placement(path: Path, device: str, dtype, offload, max_memory) -> dict[str, Any] | None:
+    """Accelerate's big-model placement (``from_pretrained`` keyword arguments, and what was decided), or None
+    for the plain path: everything on ``device``."""
+    if offload is False and max_memory is None:
+        return None
+    needed = _weights_bytes(path, dtype)
+    if max_memory is None:
+        free = _free_memory(device)
+        if offload == "auto" and needed <= 0.9 * free:
+            return None
+        cpu_free = _free_memory("cpu")
+        if device.startswith("cuda"):
+            index = int(device.split(":")[1]) if ":" in device else 0
+            max_memory = {index: int(0.9 * free), "cpu": int(0.8 * cpu_free)}
+        else:
+            max_memory = {"cpu": int(0.8 * cpu_free)}
+    folder = cache_dir() / "offload" / hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(folder), "weights_bytes": needed}
 
 
 def saved_dtype(folder: str | Path) -> str:
@@ -295,11 +360,14 @@ def _check_weight_files(config, path: Path) -> None:
         check_against_model(weights, model_from_config(config), path / "config.json")
 
 
-def _load_weights(config, path: Path, device: str, dtype, trust_remote_code: bool) -> nn.Module:
+def _load_weights(config, path: Path, device: str, dtype, trust_remote_code: bool,
+                  placement: dict[str, Any] | None = None) -> nn.Module:
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     kwargs = {"dtype": dtype, "device_map": device} if device != "cpu" else {"dtype": dtype}
+    if placement:
+        kwargs.update({k: placement[k] for k in ("device_map", "max_memory", "offload_folder")})
     # transformers logs a "LOAD REPORT" table for missing / mismatched / unexpected keys and goes on; its
     # findings are refused below in one line instead
     report_logger = hf_logging.get_logger("transformers.modeling_utils")
