@@ -25,6 +25,11 @@ from ui import measure, views  # noqa: E402
 counts = parameter_counts(loaded.model, loaded.anatomy)
 
 st.subheader("Architecture")
+a = loaded.anatomy
+st.markdown(f"**Family:** {a.family} (`{a.model_type}`) · language model `{a.language_model_type}` · vision tower "
+            f"`{a.vision_model_type}` · visual tokens per image: "
+            + (f"{a.visual_tokens}" if a.visual_tokens_fixed else f"{a.visual_tokens} for one "
+               f"{a.image_size} px image ({a.visual_tokens_note or 'the count follows the image'})"))
 st.graphviz_chart(views.architecture_dot(loaded))
 st.dataframe(views.architecture_rows(loaded), hide_index=True,
              column_config={"params": st.column_config.NumberColumn(format="localized")})

@@ -327,3 +327,50 @@ def test_a_sweep_of_six_points_from_compress_to_its_front(browser, reference_pat
         shot(page, "sweep-05-compare")
     finally:
         stop_server(server)
+
+
+def test_a_qwen2_5_vl_model_through_model_importance_and_token_maps(browser, tmp_path):
+    """Another family in the browser: a tiny Qwen2.5-VL (its merger, M-RoPE, a visual-token count that
+    follows the image) picked as a local folder with LLaVA-format data: the Model page answers, Importance
+    scores its layers on the data, Token maps draws its visual tokens."""
+    from tests.families import save_qwen2_5_vl
+    from tests.tiny import write_llava_dataset
+
+    model = save_qwen2_5_vl(tmp_path / "my-qwen")
+    data = write_llava_dataset(tmp_path / "mydata", n=6, seed=3, multi_turn=False, name="test.json")
+    server = start_server(tmp_path / "cache", port := free_port())
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(120_000)
+        page.goto(f"http://localhost:{port}/", wait_until="commit")
+        page.locator("[data-testid=stMain] h1").filter(has_text="Model").wait_for()
+        sidebar = page.locator("[data-testid=stSidebar]")
+        settle(page)
+        sidebar.get_by_text("Local folder", exact=True).click()
+        settle(page)
+        fill_text(page, "Folder (or a config.json)", str(model), sidebar=True)
+        settle(page)
+        sidebar.get_by_text("LLaVA JSON + image folder", exact=True).click()
+        settle(page)
+        fill_text(page, "File", str(data), sidebar=True)
+        settle(page)
+        page.get_by_text("Model's answer:").wait_for()
+        shot(page, "21-qwen-model")
+        main = page.locator("[data-testid=stMain]").inner_text()
+        assert "Family: Qwen2.5-VL (qwen2_5_vl)" in main and "language model qwen2" in main
+        no_exception(page)
+
+        open_page(page, "Importance")
+        settle(page)
+        shot(page, "22-qwen-importance")
+        no_exception(page)
+        assert "records of test.json" in page.locator("[data-testid=stMain]").inner_text()
+        assert page.locator(".js-plotly-plot").count() >= 1
+
+        open_page(page, "Token maps")
+        settle(page)
+        shot(page, "23-qwen-token-maps")
+        no_exception(page)
+        assert page.locator(".js-plotly-plot").count() >= 1
+    finally:
+        stop_server(server)
