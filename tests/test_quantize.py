@@ -107,3 +107,25 @@ def test_quantize_rejects_bad_format_and_double_quantization():
         quantize.quantize_model(model, anatomy, "nf4")
     with pytest.raises(ValueError, match="fake quantization needs the floating-point model"):
         quantize.fake_quantize(model, anatomy, 4, 4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_a_bf16_model_quantizes_and_computes_in_bf16(fmt):
+    """Quantization follows the model's precision (the user's bf16 model is not computed in fp32)."""
+    from compression.data.sources import open_source, select
+
+    loaded = models.load("reference", dtype="bf16")
+    record = select(open_source("shapes", "eval"), samples=1).records[0]
+    inputs = evaluate._to_model(evaluate.latency_inputs(loaded, record), loaded.model)
+    with torch.no_grad():
+        before = loaded.model(**inputs).logits.float()
+    quantize.quantize_model(loaded.model, loaded.anatomy, fmt)
+    assert quantize.quantization_format(loaded.model) == fmt
+    config = loaded.model.config.quantization_config.to_dict()
+    if fmt == "nf4":
+        assert config["bnb_4bit_compute_dtype"] == "bfloat16"
+    with torch.no_grad():
+        after = loaded.model(**inputs).logits
+    assert after.dtype == torch.bfloat16 and torch.isfinite(after).all()
+    # the same answer token from the quantized model as from the bf16 one on this record
+    assert torch.equal(after[0, -1].float().argmax(), before[0, -1].argmax())

@@ -63,7 +63,7 @@ def _is_bnb_linear(module: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------------ real (bitsandbytes)
 
-def bnb_config(fmt: QuantFormat, skip: list[str] | None = None):
+def bnb_config(fmt: QuantFormat, skip: list[str] | None = None, compute_dtype: torch.dtype = torch.float32):
     """The ``BitsAndBytesConfig`` matching ``quantize_model(fmt)``; written into the saved config.
 
     ``skip``: module-name prefixes kept in floating point (the vision tower, projector(s) and ``lm_head``
@@ -74,13 +74,16 @@ def bnb_config(fmt: QuantFormat, skip: list[str] | None = None):
     skip = list(skip or SKIP_MODULES)
     if fmt == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                               bnb_4bit_use_double_quant=False, llm_int8_skip_modules=skip)
 
 
-def _to_bnb(linear: nn.Linear, fmt: QuantFormat) -> nn.Module:
+def _to_bnb(linear: nn.Linear, fmt: QuantFormat, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A bitsandbytes layer holding ``linear``'s weights, quantized where the layer lives (the CPU or its GPU),
+    computing in ``compute_dtype`` (the model's precision)."""
     import bitsandbytes as bnb
 
+    device = linear.weight.device
     weight = linear.weight.data.detach().to("cpu", torch.float32).clone()
     has_bias = linear.bias is not None
     if fmt == "int8":
@@ -89,19 +92,20 @@ def _to_bnb(linear: nn.Linear, fmt: QuantFormat) -> nn.Module:
         new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                compute_dtype=torch.float32, quant_type="nf4")
+                                compute_dtype=compute_dtype, quant_type="nf4")
         new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
     if has_bias:
-        new.bias = nn.Parameter(linear.bias.data.detach().to("cpu", torch.float32).clone(), requires_grad=False)
-    # .to() on a CPU tensor is what makes bitsandbytes quantize the weight
-    return new.to("cpu").eval()
+        new.bias = nn.Parameter(linear.bias.data.detach().to("cpu", compute_dtype).clone(), requires_grad=False)
+    # .to(device) is what makes bitsandbytes quantize the weight, on that device
+    return new.to(device).eval()
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, anatomy: Anatomy, fmt: QuantFormat = "int8") -> nn.Module:
     """Replace the decoder linear layers by bitsandbytes int8 / nf4 layers, in place; returns the model.
 
-    The model must be on CPU (this project's machines have no GPU) and in floating point.
+    The model must be in floating point; its layers are quantized where they are (the CPU, or its GPU) and
+    compute in the model's precision. Only the CPU path runs on this project's machines (no GPU).
     """
     _check_format(fmt)
     if getattr(model.config, "quantization_config", None) is not None:
@@ -112,13 +116,16 @@ def quantize_model(model: nn.Module, anatomy: Anatomy, fmt: QuantFormat = "int8"
         raise ValueError("the model already holds bitsandbytes layers; quantize the floating-point model")
     if fake_quantized(model):
         raise ValueError("the model is fake-quantized; call .remove() on its FakeQuantHandle first")
+    compute_dtype = next(model.parameters()).dtype
+    on_cpu = True
     for parent, attribute, linear in linears.values():
-        if linear.weight.device.type != "cpu":
-            raise ValueError(f"quantize_model runs on CPU; the weights are on {linear.weight.device}")
-        setattr(parent, attribute, _to_bnb(linear, fmt))
-    if fmt == "nf4":
+        if linear.weight.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"bitsandbytes quantizes on the CPU or a CUDA GPU; the weights are on {linear.weight.device}")
+        on_cpu = on_cpu and linear.weight.device.type == "cpu"
+        setattr(parent, attribute, _to_bnb(linear, fmt, compute_dtype))
+    if fmt == "nf4" and on_cpu:
         prepare_bnb_for_cpu(model)
-    model.config.quantization_config = bnb_config(fmt, anatomy.skip_quantization)
+    model.config.quantization_config = bnb_config(fmt, anatomy.skip_quantization, compute_dtype)
     return model
 
 
