@@ -3,14 +3,22 @@
     python -m compression analyze --model reference --kind layers --json
     python -m compression plan --model config:llava-1.5-7b --method width --ratio 0.3 --hardware h100 --json
     python -m compression prune --model reference --method layer --ratio 0.25 --out /tmp/pruned --json
+    python -m compression analyze --model path/to/llava-1.5-13b-hf --kind layers --data my.json --sequential
+    python -m compression prune --model path/to/llava-1.5-13b-hf --method width --ratio 0.3 --scorer activation \
+        --data my.json --streaming --out /tmp/pruned
+
+``--sequential`` / ``--streaming`` (on by themselves when the weights do not fit in the free memory) keep one
+decoder layer in memory at a time (``compression.methods.sequential``, ``compression.methods.streaming``).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 from compression.cli.common import UsageError, add_data_arguments, add_hardware_arguments, data_source, emit, load_model
 
 SCORER_DEFAULTS = {"layer": "block_influence", "width": "taylor"}
+SEQUENTIAL_SCORER_DEFAULTS = {"layer": "block_influence", "width": "activation"}  # Taylor needs the whole model
 
 
 def _layer_range(text: str | None) -> tuple[int, int] | None:
@@ -43,6 +51,66 @@ def _calibration(args, method: str | None):
     return calibration_selection(data_source(args), args.samples)
 
 
+def _compute(args):
+    """The device and precision the command computes in (``--device`` / ``--dtype`` where the command has them)."""
+    from compression.hardware import resolve
+
+    chosen = resolve(getattr(args, "device", None) or "auto", getattr(args, "dtype", None) or "auto")
+    return chosen.device, chosen.dtype
+
+
+def _sequential(args, flag: str) -> bool:
+    """Whether to keep one decoder layer in memory at a time: asked for, or the weights do not fit.
+
+    Only a local folder of safetensors shards can be read layer by layer; the reference model and config-only
+    sources never need it."""
+    from pathlib import Path
+
+    from compression.measure.memory import available_bytes, weight_bytes
+
+    folder = Path(args.model).expanduser()
+    readable = folder.is_dir() and (any(folder.glob("*.safetensors")))
+    if getattr(args, flag):
+        if not readable:
+            raise UsageError(f"--{flag} needs a local model folder with safetensors shards; {args.model} is not one")
+        return True
+    if not readable:
+        return False
+    device, dtype = _compute(args)
+    need, free = weight_bytes(folder, dtype), available_bytes(device)
+    if need < free:
+        return False
+    print(f"note: the weights take {need / 1e9:.1f} GB at {str(dtype).removeprefix('torch.')} and {device} has "
+          f"{free / 1e9:.1f} GB free: {flag} (one decoder layer in memory at a time)", file=sys.stderr)
+    return True
+
+
+def _load_sequential(args):
+    from compression.cli.common import hardware
+    from compression.models import load
+
+    chosen = hardware(args)
+    loaded = load(args.model, device=chosen.device, dtype=chosen.dtype, sequential=True)
+    args.hardware_label = chosen.label  # emit() reports it with the result
+    return loaded
+
+
+def _sequential_scores(args, loaded, method: str, scorer: str):
+    """Scores for a plan from the sequential path (block influence; activation or magnitude)."""
+    from compression.methods.sequential import LAYER_METHODS, UNIT_METHODS, cached_sequential_importance
+
+    if scorer == "none":
+        return None
+    allowed = LAYER_METHODS if method == "layer" else UNIT_METHODS
+    if scorer not in allowed:
+        raise UsageError(f"--scorer {scorer!r} needs the whole model in memory; with --streaming use "
+                         f"{', '.join(allowed)} or none")
+    calibration = _calibration(args, scorer)
+    if method == "layer":
+        return cached_sequential_importance(loaded, "layers", scorer, calibration)
+    return {kind: cached_sequential_importance(loaded, kind, scorer, calibration) for kind in ("heads", "neurons")}
+
+
 def _scores(args, loaded, method: str, scorer: str):
     """Importance scores for a plan, or None for config-only models / ``--scorer none``."""
     from compression.methods.importance import LAYER_METHODS, UNIT_METHODS, cached_importance
@@ -59,11 +127,15 @@ def _scores(args, loaded, method: str, scorer: str):
     return {kind: cached_importance(loaded, kind, scorer, calibration) for kind in ("heads", "neurons")}
 
 
-def _make_plan(args, loaded):
+def _make_plan(args, loaded, sequential: bool = False):
     from compression.methods.prune import make_plan
 
-    scorer = args.scorer or SCORER_DEFAULTS[args.method]
-    scores = _scores(args, loaded, args.method, scorer)
+    if sequential:
+        scorer = args.scorer or SEQUENTIAL_SCORER_DEFAULTS[args.method]
+        scores = _sequential_scores(args, loaded, args.method, scorer)
+    else:
+        scorer = args.scorer or SCORER_DEFAULTS[args.method]
+        scores = _scores(args, loaded, args.method, scorer)
     return make_plan(loaded, args.method, ratio=args.ratio, target_mb=args.target_mb, scores=scores,
                      layer_range=_layer_range(args.layer_range), target_dtype=args.target_dtype,
                      servable=args.servable)
@@ -74,14 +146,19 @@ def _cmd_analyze(args) -> int:
         raise UsageError(f"--samples {args.samples} must be at least 1")
     if args.kind == "tokens":
         return _analyze_tokens(args)
-    loaded = load_model(args)
+    sequential = _sequential(args, "sequential")
+    loaded = _load_sequential(args) if sequential else load_model(args)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); importance needs weights")
     from compression.methods.importance import cached_importance
+    from compression.methods.sequential import cached_sequential_importance
 
-    method = args.method or ("block_influence" if args.kind == "layers" else "taylor")
+    method = args.method or ("block_influence" if args.kind == "layers" else "activation" if sequential else "taylor")
     calibration = _calibration(args, method)
-    frame = cached_importance(loaded, args.kind, method, calibration)
+    if sequential:
+        frame = cached_sequential_importance(loaded, args.kind, method, calibration)
+    else:
+        frame = cached_importance(loaded, args.kind, method, calibration)
     rows = frame.to_dict("records")
     top = frame.sort_values("score", ascending=False).head(10)
     unit = {"layers": "layer", "heads": "head", "neurons": "neuron"}[args.kind]
@@ -91,7 +168,8 @@ def _cmd_analyze(args) -> int:
         f"  layer {int(r.layer):>3}" + (f" {unit} {int(getattr(r, unit)):>5}" if unit != "layer" else "")
         + f"  {r.score:.6g}" for r in top.itertuples())
     emit(args, {"kind": args.kind, "method": method, "samples": len(calibration) if calibration else 0,
-                "data": on, "prompt": loaded.prompt.name, "scores": rows}, text)
+                "data": on, "prompt": loaded.prompt.name, "sequential": sequential, "scores": rows},
+         text + ("\n(sequential: one decoder layer in memory at a time)" if sequential else ""))
     return 0
 
 
@@ -143,13 +221,22 @@ def _cmd_prune(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} already exists and is not empty; expected a new folder")
-    loaded = load_model(args)
+    streaming = _sequential(args, "streaming")
+    loaded = _load_sequential(args) if streaming else load_model(args)
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); prune needs weights — use `plan`")
-    plan = _make_plan(args, loaded)
-    model, anatomy = apply_plan(loaded.model, loaded.anatomy, plan)
-    path = save_pruned(model, loaded.processor, out, plan)
-    payload = {"path": str(path), "uniform": anatomy.uniform, **plan_summary(plan)}
+    plan = _make_plan(args, loaded, sequential=streaming)
+    if streaming:
+        from compression.methods.streaming import stream_prune
+        from compression.models import anatomy_from_config
+        from compression.models.loader import _read_config
+
+        path = stream_prune(loaded.path, plan, out)
+        anatomy = anatomy_from_config(_read_config(path / "config.json"))
+    else:
+        model, anatomy = apply_plan(loaded.model, loaded.anatomy, plan)
+        path = save_pruned(model, loaded.processor, out, plan)
+    payload = {"path": str(path), "uniform": anatomy.uniform, "streaming": streaming, **plan_summary(plan)}
     emit(args, payload, f"pruned {plan.method}wise, {plan.ratio_achieved:.1%} of the language model removed "
                         f"({plan.params_before:,} -> {plan.params_after:,} params); saved to {path}"
                         + ("" if anatomy.uniform else " (non-uniform widths: load with trust_remote_code=True)"))
@@ -183,6 +270,9 @@ def register(sub) -> None:
     p.add_argument("--question", help="question for --kind tokens")
     p.add_argument("--layer", type=int, help="decoder layer for --kind tokens")
     add_hardware_arguments(p)
+    p.add_argument("--sequential", action="store_true",
+                   help="one decoder layer in memory at a time, read from the folder's shards (block influence, "
+                        "activation, magnitude); on by itself when the weights do not fit in memory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_analyze)
 
@@ -196,5 +286,8 @@ def register(sub) -> None:
     p = sub.add_parser("prune", help="one-shot structural prune (no recovery) to a Hugging Face folder")
     _budget_arguments(p)
     p.add_argument("--out", required=True)
+    p.add_argument("--streaming", "--sequential", dest="streaming", action="store_true",
+                   help="write the pruned folder shard by shard, one decoder layer in memory at a time (scores from "
+                        "the sequential path); on by itself when the weights do not fit in memory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_prune)

@@ -37,6 +37,9 @@ Calibration data is any data source (``compression.data.sources``: the user's LL
 folder, or ShapesVQA for the reference model), prompted with the model's own chat template; the loss is
 on the assistant turns only.
 
+Models larger than memory: ``compression.methods.sequential`` gives block influence, activation and magnitude
+scores with one decoder layer in memory at a time (the same per-layer sums; equal to these to float rounding).
+
 Results are pandas DataFrames; ``cached_importance`` stores them under
 ``cache_dir()/importance/<model fingerprint>-<selection fingerprint>-<kind>-<method>.csv`` (CSV, so a
 repeated request is a file read; the selection fingerprint covers the data file and the records chosen).
@@ -113,6 +116,12 @@ def _output_hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def influence_sum(h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum over non-padding tokens of (1 - cos(h_in, h_out))`` (float64 scalar); ``mask`` ``[batch, tokens]``."""
+    cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (batch, tokens)
+    return ((1 - cos) * mask).sum().double().cpu()
+
+
 @torch.no_grad()
 def block_influence(model: nn.Module, anatomy: Anatomy, batches: list[dict]) -> torch.Tensor:
     """``BI_i`` per decoder layer: mean over (non-padding) tokens of ``1 - cos(h_in, h_out)``."""
@@ -124,9 +133,7 @@ def block_influence(model: nn.Module, anatomy: Anatomy, batches: list[dict]) -> 
 
     def hook(i):
         def fn(module, args, kwargs, output):
-            h_in, h_out = _hidden_from(args, kwargs), _output_hidden(output)
-            cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (batch, tokens)
-            sums[i] += ((1 - cos) * mask_holder["mask"]).sum().double().cpu()
+            sums[i] += influence_sum(_hidden_from(args, kwargs), _output_hidden(output), mask_holder["mask"])
         return fn
 
     for i, layer in enumerate(layers):
@@ -286,19 +293,19 @@ SCORERS: dict[str, type] = {"taylor": TaylorImportance, "activation": Activation
                             "magnitude": MagnitudeImportance}
 
 
+def layer_group(layer: nn.Module, anatomy: Anatomy, i: int, kind: UnitKind) -> CoupledGroup:
+    """The coupled group of one kind in decoder layer ``i`` (``layer``, the module itself)."""
+    if kind == "heads":
+        a = anatomy.attention_linears(layer)
+        heads, kv = anatomy.heads_per_layer[i], anatomy.kv_heads_per_layer[i]
+        return CoupledGroup(i, kind, heads, anatomy.head_dim, heads // kv, [a["q"]], [a["o"]], [a["k"], a["v"]])
+    m = anatomy.mlp_linears(layer)
+    return CoupledGroup(i, kind, anatomy.intermediate_per_layer[i], 1, 1,
+                        [m[n] for n in ("gate", "up") if n in m], [m["down"]])
+
+
 def coupled_groups(model: nn.Module, anatomy: Anatomy, kind: UnitKind) -> list[CoupledGroup]:
-    groups = []
-    for i, layer in enumerate(anatomy.decoder_layers(model)):
-        if kind == "heads":
-            a = anatomy.attention_linears(layer)
-            heads, kv = anatomy.heads_per_layer[i], anatomy.kv_heads_per_layer[i]
-            groups.append(CoupledGroup(i, kind, heads, anatomy.head_dim, heads // kv, [a["q"]], [a["o"]],
-                                       [a["k"], a["v"]]))
-        else:
-            m = anatomy.mlp_linears(layer)
-            groups.append(CoupledGroup(i, kind, anatomy.intermediate_per_layer[i], 1, 1,
-                                       [m[n] for n in ("gate", "up") if n in m], [m["down"]]))
-    return groups
+    return [layer_group(layer, anatomy, i, kind) for i, layer in enumerate(anatomy.decoder_layers(model))]
 
 
 def _scored_parameters(groups: list[CoupledGroup]) -> list[nn.Parameter]:
@@ -448,24 +455,23 @@ def _taylor_lean(model: nn.Module, anatomy: Anatomy, groups: list[CoupledGroup],
         g.taylor = total
 
 
+def activation_hook(group: CoupledGroup, total: torch.Tensor, mask_holder: dict[str, torch.Tensor]):
+    """A forward pre-hook for the group's o_proj / down_proj that adds, per unit, the activation norm
+    (a head's attention output L2 norm; a neuron's absolute value) over the non-padding tokens to ``total``."""
+    def fn(module, args):
+        x = args[0].float()  # (batch, tokens, units * unit_size)
+        per_unit = x.view(*x.shape[:-1], group.units, group.unit_size).norm(dim=-1) if group.unit_size > 1 else x.abs()
+        total.add_((per_unit * mask_holder["mask"][..., None]).sum((0, 1)).double().cpu())
+    return fn
+
+
 @torch.no_grad()
 def _collect_activations(model: nn.Module, groups: list[CoupledGroup], batches: list[dict]) -> None:
     """Mean per-unit activation over non-padding tokens, from pre-hooks on o_proj / down_proj."""
     sums = [torch.zeros(g.units, dtype=torch.float64) for g in groups]
     mask_holder: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook(gi):
-        g = groups[gi]
-
-        def fn(module, args):
-            x = args[0].float()  # (batch, tokens, units * unit_size)
-            per_unit = x.view(*x.shape[:-1], g.units, g.unit_size).norm(dim=-1) if g.unit_size > 1 else x.abs()
-            sums[gi] += (per_unit * mask_holder["mask"][..., None]).sum((0, 1)).double().cpu()
-        return fn
-
-    for gi, g in enumerate(groups):
-        handles.append(g.cols[0].register_forward_pre_hook(hook(gi)))
+    handles = [g.cols[0].register_forward_pre_hook(activation_hook(g, total, mask_holder))
+               for g, total in zip(groups, sums)]
     count = 0
     try:
         for batch in batches:
@@ -478,6 +484,20 @@ def _collect_activations(model: nn.Module, groups: list[CoupledGroup], batches: 
             h.remove()
     for g, s in zip(groups, sums):
         g.activation = s / max(count, 1)
+
+
+def unit_frames(groups: list[CoupledGroup], scorer: "UnitScorer", kinds: tuple[UnitKind, ...],
+                method: str) -> dict[str, pd.DataFrame]:
+    """The scored groups as ``unit_importance``'s frames, one per kind."""
+    rows: dict[str, list[dict]] = {k: [] for k in kinds}
+    for g in groups:
+        for u, s in enumerate(scorer(g).tolist()):
+            row = {"layer": g.layer, ("head" if g.kind == "heads" else "neuron"): u, "score": s, "method": method}
+            if g.kind == "heads":
+                row["kv_head"] = u // g.group_size
+            rows[g.kind].append(row)
+    order = {"heads": ["layer", "head", "kv_head", "score", "method"], "neurons": ["layer", "neuron", "score", "method"]}
+    return {k: pd.DataFrame(rows[k])[order[k]] for k in kinds}
 
 
 def unit_importance(loaded: LoadedModel, samples: "Selection | list[Record] | list[dict] | None" = None,
@@ -518,21 +538,13 @@ def unit_importances(loaded: LoadedModel, samples: "Selection | list[Record] | l
             _accumulate_gradients(model, groups, _as_batches(loaded, samples))
         elif scorer.needs == "activations":
             _collect_activations(model, groups, _as_batches(loaded, samples))
-        rows: dict[str, list[dict]] = {k: [] for k in kinds}
-        for g in groups:
-            scores = scorer(g)
-            for u, s in enumerate(scores.tolist()):
-                row = {"layer": g.layer, ("head" if g.kind == "heads" else "neuron"): u, "score": s, "method": method}
-                if g.kind == "heads":
-                    row["kv_head"] = u // g.group_size
-                rows[g.kind].append(row)
+        frames = unit_frames(groups, scorer, kinds, method)
     finally:
         if scorer.needs == "gradients":
             for p in model.parameters():
                 p.grad = None  # free the gradients: the model is back to its inference footprint
         model.train(was_training)
-    order = {"heads": ["layer", "head", "kv_head", "score", "method"], "neurons": ["layer", "neuron", "score", "method"]}
-    return {k: pd.DataFrame(rows[k])[order[k]] for k in kinds}
+    return frames
 
 
 # ------------------------------------------------------------------------------------------------ cache

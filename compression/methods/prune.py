@@ -436,12 +436,13 @@ def _sliced_linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch
         bias = bias.index_select(0, rows) if bias is not None else None
     if cols is not None:
         weight = weight.index_select(1, cols)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    new.weight.requires_grad_(old.weight.requires_grad)
+    # built on meta and given the sliced tensors: no initialised matrix of the new size is allocated and thrown
+    # away (at 7B shapes that doubled the surgery's peak and its time)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight if rows is not None or cols is not None else weight.clone(),
+                              requires_grad=old.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias if rows is not None else bias.clone(), requires_grad=old.bias.requires_grad)
     return new
 
 

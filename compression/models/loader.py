@@ -210,7 +210,7 @@ def _hub_folder(repo_id: str) -> Path:
 
 def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
          trust_remote_code: bool = False, offload: bool | Literal["auto"] = "auto",
-         max_memory: dict[Any, int | str] | None = None) -> LoadedModel:
+         max_memory: dict[Any, int | str] | None = None, sequential: bool = False) -> LoadedModel:
     """Load a model, its processor and its anatomy from any supported source.
 
     ``device`` and ``dtype`` are where the weights go and in which precision (``compression.hardware.resolve``
@@ -224,6 +224,10 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
     inference: ``device_map="auto"`` fills the device, then the CPU, then an offload folder on disk
     (``cache/offload/``), and moves each module's weights in for its forward pass. ``extras["placement"]``
     says where the parts went; it answers the same, only slower.
+    ``sequential``: every weight stays on the ``meta`` device; ``extras["checkpoint"]``
+    (``compression.models.shards.Checkpoint``) reads the parts outside the decoder layers when an analysis needs
+    them and one decoder layer at a time (``compression.methods.sequential``); plans and streaming surgery need
+    no weights at all. For models larger than memory.
     """
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -248,6 +252,10 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
     _check_processor_files(path)
     _check_weight_files(config, path)
     processor = load_processor(path, trust_remote_code, families.family_for(config))
+    if sequential:
+        model, checkpoint = load_skeleton(config, path, device, dtype, read_parts=False)
+        return LoadedModel(model, processor, anatomy, name, kind, path, True, fingerprint_folder(path),
+                           {"checkpoint": checkpoint, "dtype": model.dtype, "device": device})
     placement = _placement(path, device, dtype, offload, max_memory)
     model = _load_weights(config, path, device, dtype, trust_remote_code, placement)
     if getattr(config, "quantization_config", None):
@@ -309,6 +317,31 @@ def _placement(path: Path, device: str, dtype, offload, max_memory) -> dict[str,
     folder = cache_dir() / "offload" / hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     return {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(folder), "weights_bytes": needed}
+
+
+def load_skeleton(config, path: Path, device: str = "cpu", dtype: torch.dtype | str | None = torch.float32,
+                  read_parts: bool = True):
+    """``(model, checkpoint)``: the model built on ``meta`` (accelerate's ``init_empty_weights``; buffers real),
+    its stored keys bound to module names, and every tensor outside the decoder layers and the LM head read
+    from the shards (``read_parts=False``: nothing read, every tensor on ``meta``). ``dtype`` None keeps the stored precision."""
+    from accelerate import init_empty_weights
+
+    from compression.models.shards import Checkpoint, load_parts
+
+    if getattr(config, "quantization_config", None):
+        raise ModelLoadError(f"{path} is quantized ({config.quantization_config.get('quant_method', '?')}); "
+                             "sequential analysis and streaming surgery read floating-point shards")
+    checkpoint = Checkpoint(path)
+    dtype = checkpoint.dtype if dtype is None else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    with init_empty_weights(include_buffers=False):
+        model = _model_class(config)._from_config(config, dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: a tied head is the embeddings' tensor, saved once
+    model.eval()
+    checkpoint.bind(model)
+    if read_parts:
+        anatomy = anatomy_from_config(config)
+        load_parts(model, checkpoint, anatomy, dtype, device, skip=(anatomy.lm_head,))
+    return model, checkpoint
 
 
 def saved_dtype(folder: str | Path) -> str:

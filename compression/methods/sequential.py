@@ -1,0 +1,267 @@
+"""Layer-sequential importance: block influence, activation and magnitude scores with one decoder layer in memory.
+
+llm-compressor's *sequential onloading* (``vllm-project/llm-compressor``, ``pipelines/sequential``; GPTQ's
+"Catcher", Frantar et al. 2022) applied to ``compression.methods.importance``:
+
+1. the model is built on ``meta`` (``load(..., sequential=True)``, ``compression.models.shards``) and
+   everything but its decoder layers and LM head is read from the shards;
+2. every calibration batch goes through the model's own forward once, with each decoder layer's ``forward``
+   replaced by a recorder that returns its input: the embeddings with the visual tokens merged in (the family's
+   own vision tower, projector and placement), and every argument the model passes each layer — its causal /
+   sliding-window / bidirectional-image mask, its rotary ``position_embeddings`` (Qwen's 3-D M-RoPE; Gemma 3's
+   local and global ones), ``position_ids`` — exactly as the model builds them;
+3. then for each layer in turn: read its weights from the shards, push every batch through it (scoring it on
+   the way), keep only its outputs as the next layer's inputs, and put the layer back on ``meta``.
+
+Memory: the non-layer parts and one batch's vision-tower activations during the capture; then one decoder layer,
+every sample's hidden states and one batch's activations (``compression.measure.memory`` predicts both). The scores are ``importance``'s own (same per-layer sums, same tensors into each layer):
+``block_influence``, and ``activation`` / ``magnitude`` for heads and neurons. Taylor needs a backward pass
+through every later layer and is not offered here; ``removal_loss`` neither (it needs the whole model per layer).
+Qwen3-VL's DeepStack adds vision features between layers inside the model's loop, which the recorder does not
+see: refused in one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from compression.data.records import Record
+from compression.data.sources import Selection
+from compression.methods.importance import (SCORERS, _as_batches, activation_hook, influence_sum, layer_group,
+                                            unit_frames)
+from compression.models import Anatomy, LoadedModel
+
+# calibration batch size when records are given: llm-compressor calibrates one sample at a time; the vision tower's
+# activations and kept hidden states (LLaVA reads layer -2: all of them) and a layer's activations scale with it,
+# while the scores are per-token sums (the same to float rounding for any batching: RoPE sees relative positions)
+BATCH_SIZE = 1
+LAYER_METHODS = ("block_influence",)
+UNIT_METHODS = ("activation", "magnitude")
+
+
+@dataclass
+class LayerInputs:
+    """What the model's forward passes decoder layers for one batch: the hidden states entering layer 0
+    ``[batch, tokens, hidden]``, each layer's keyword arguments (shared tensors are shared, not copied), and
+    the batch's ``attention_mask`` ``[batch, tokens]`` (float: the non-padding tokens the scores average over)."""
+
+    hidden: torch.Tensor
+    kwargs: list[dict]
+    mask: torch.Tensor
+
+
+def _device_batch(batch: dict, device: str, dtype: torch.dtype) -> dict:
+    return {k: v.to(device, dtype=dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items()
+            if k != "labels"}
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, anatomy: Anatomy, batches: list[dict], device: str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> list[LayerInputs]:
+    """Run the model's own forward on each batch with every decoder layer replaced by a recorder (module
+    docstring); the layers' weights are never needed, so they may be on ``meta``."""
+    from compression.models import families
+
+    family = families.family_for(model.config)
+    if family.deepstack:
+        raise ValueError(f"sequential analysis of {family.name} is not supported: its DeepStack features are added "
+                         "between decoder layers inside the model's loop; load the whole model instead")
+    layers = anatomy.decoder_layers(model)
+    base = model.get_submodule(anatomy.language_model.rpartition(".")[0])  # the VLM body: vision, merge, masks
+    captured: list[LayerInputs] = []
+    current: dict = {}
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                current["hidden"] = hidden
+            current["kwargs"].append(kwargs)
+            return hidden
+        return forward
+
+    previous = [vars(layer).get("forward") for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        for batch in batches:
+            inputs = _device_batch(batch, device, dtype)
+            current.clear()
+            current["kwargs"] = []
+            base(**inputs, use_cache=False)
+            if len(current["kwargs"]) != len(layers):
+                raise RuntimeError(f"the model called {len(current['kwargs'])} of its {len(layers)} decoder layers")
+            captured.append(LayerInputs(current["hidden"], current["kwargs"], inputs["attention_mask"].float()))
+    finally:
+        for layer, forward in zip(layers, previous):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    return captured
+
+
+def _check(layer_methods, unit_methods, kinds) -> None:
+    for m in layer_methods:
+        if m not in LAYER_METHODS:
+            raise ValueError(f"sequential layer importance method {m!r} is not one of {', '.join(LAYER_METHODS)}")
+    for m in unit_methods:
+        if m not in UNIT_METHODS:
+            raise ValueError(f"sequential unit importance method {m!r} is not one of {', '.join(UNIT_METHODS)} "
+                             "(Taylor needs the whole model: load it without --sequential)")
+    for k in kinds:
+        if k not in ("heads", "neurons"):
+            raise ValueError(f"unit kind {k!r} is not 'heads' or 'neurons'")
+
+
+@torch.no_grad()
+def sequential_importance(loaded: LoadedModel, samples: "Selection | list[Record] | list[dict] | None",
+                          layer_methods: tuple[str, ...] = ("block_influence",),
+                          unit_methods: tuple[str, ...] = ("activation", "magnitude"),
+                          kinds: tuple[str, ...] = ("heads", "neurons"),
+                          progress=None, release_parts: bool = True,
+                          batch_size: int = BATCH_SIZE) -> dict[tuple[str, str], pd.DataFrame]:
+    """Scores with one decoder layer in memory at a time, keyed ``(kind, method)``: ``("layers",
+    "block_influence")``, ``("heads", "activation")``, ``("neurons", "magnitude")`` ... Each frame is what
+    ``layer_importance`` / ``unit_importance`` return for the whole model.
+
+    ``loaded`` comes from ``load(folder, sequential=True)``; ``samples`` may be None when only ``magnitude``
+    is asked; records (or a selection) are batched ``batch_size`` at a time (batches given are used as they
+    are). ``progress(layer, layers)`` is called after each layer. The parts outside the decoder layers (vision
+    tower, projector, embeddings) are read from the shards for the capture; with ``release_parts`` (default) they
+    go back to ``meta`` once every batch's layer-0 inputs are captured (nothing needs them again), so the sweep
+    holds one decoder layer and the hidden states only.
+    """
+    _check(layer_methods, unit_methods, kinds)
+    checkpoint = loaded.extras.get("checkpoint")
+    if checkpoint is None:
+        raise ValueError(f"model {loaded.name} was not loaded for sequential analysis; use load(..., sequential=True)")
+    model, anatomy = loaded.model, loaded.anatomy
+    device, dtype = loaded.extras.get("device", "cpu"), loaded.extras.get("dtype", torch.float32)
+    needs_data = bool(layer_methods) or "activation" in unit_methods
+    if needs_data:
+        from compression.models.shards import load_parts
+
+        load_parts(model, checkpoint, anatomy, dtype, device, skip=(anatomy.lm_head,))  # a no-op when already read
+        inputs = capture_layer_inputs(model, anatomy, _batches(loaded, samples, batch_size), device, dtype)
+    else:
+        inputs = []
+    if release_parts:
+        _release_parts(model, anatomy)
+    count = max(sum(int(x.mask.sum()) for x in inputs), 1)
+    n = anatomy.num_layers
+    influence = torch.zeros(n, dtype=torch.float64)
+    scored: dict[str, list] = {m: [] for m in unit_methods}
+    for i in range(n):
+        with checkpoint_layer(loaded, i) as layer:
+            groups = [layer_group(layer, anatomy, i, k) for k in kinds]
+            if "magnitude" in unit_methods:
+                scored["magnitude"] += [(g, SCORERS["magnitude"]()(g)) for g in groups]
+            sums = [torch.zeros(g.units, dtype=torch.float64) for g in groups]
+            mask_holder: dict[str, torch.Tensor] = {}
+            handles = ([g.cols[0].register_forward_pre_hook(activation_hook(g, total, mask_holder))
+                        for g, total in zip(groups, sums)] if "activation" in unit_methods else [])
+            try:
+                for x in inputs:
+                    mask_holder["mask"] = x.mask
+                    out = layer(x.hidden, **x.kwargs[i])
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    influence[i] += influence_sum(x.hidden, out, x.mask)
+                    x.hidden = out
+            finally:
+                for h in handles:
+                    h.remove()
+            if "activation" in unit_methods:
+                scored["activation"] += [(g, (total / count).double()) for g, total in zip(groups, sums)]
+        if progress is not None:
+            progress(i + 1, n)
+    out: dict[tuple[str, str], pd.DataFrame] = {}
+    if "block_influence" in layer_methods:
+        scores = (influence / count).float()
+        out[("layers", "block_influence")] = pd.DataFrame({"layer": range(n), "score": scores.tolist(),
+                                                           "method": "block_influence"})
+    for method, pairs in scored.items():
+        frames = unit_frames([g for g, _ in pairs], _Fixed(dict((id(g), s) for g, s in pairs)), tuple(kinds), method)
+        for kind, frame in frames.items():
+            out[(kind, method)] = frame
+    return out
+
+
+def _batches(loaded: LoadedModel, samples, batch_size: int) -> list[dict]:
+    from compression.methods.importance import calibration_batches
+
+    if isinstance(samples, Selection):
+        samples = samples.records
+    if samples and not isinstance(samples[0], dict):
+        return calibration_batches(loaded.prompt, list(samples), batch_size)
+    return _as_batches(loaded, samples)
+
+
+def _release_parts(model: nn.Module, anatomy: Anatomy) -> None:
+    """Every parameter outside the decoder layers back on ``meta`` (buffers stay: they are small)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    from compression.models.shards import return_freed_memory
+
+    prefix = anatomy.layers + "."
+    for name, p in list(model.named_parameters(remove_duplicate=False)):  # a tied head too
+        if not name.startswith(prefix) and p.device.type != "meta":
+            set_module_tensor_to_device(model, name, "meta")
+    return_freed_memory()
+
+
+class _Fixed:
+    """A scorer that returns scores already computed while the group's layer was in memory."""
+
+    def __init__(self, scores: dict[int, torch.Tensor]):
+        self.scores = scores
+
+    def __call__(self, group) -> torch.Tensor:
+        return self.scores[id(group)]
+
+
+def checkpoint_layer(loaded: LoadedModel, i: int):
+    """Decoder layer ``i`` of a sequentially loaded model, onloaded from its shards for a ``with`` block."""
+    from compression.models.shards import onloaded
+
+    return onloaded(loaded.model, loaded.anatomy, loaded.extras["checkpoint"], i,
+                    loaded.extras.get("dtype", torch.float32), loaded.extras.get("device", "cpu"))
+
+
+def cached_sequential_importance(loaded: LoadedModel, kind: str, method: str | None = None,
+                                 selection: Selection | None = None, progress=None) -> pd.DataFrame:
+    """``importance.cached_importance`` on the sequential path: one sweep scores layers (block influence),
+    heads and neurons (activation and magnitude) at once and stores every frame under the whole-model cache
+    names (the scores are the same), so a later request for another kind is a file read.
+
+    ``method`` defaults to ``block_influence`` for layers and ``activation`` for heads and neurons."""
+    import os
+
+    from compression.methods.importance import importance_path
+
+    if kind not in ("layers", "heads", "neurons"):
+        raise ValueError(f"importance kind {kind!r} is not one of layers, heads, neurons")
+    method = method or ("block_influence" if kind == "layers" else "activation")
+    allowed = LAYER_METHODS if kind == "layers" else UNIT_METHODS
+    if method not in allowed:
+        raise ValueError(f"method {method!r} does not score {kind} sequentially; expected one of {', '.join(allowed)}"
+                         + ("" if kind == "layers" else " (Taylor needs the whole model in memory)"))
+    if selection is None and method != "magnitude":
+        raise ValueError(f"{method} importance needs calibration data; expected a selection of records")
+    path = importance_path(loaded, kind, method, selection if method != "magnitude" else None)
+    if path.is_file():
+        return pd.read_csv(path)
+    if method == "magnitude":
+        frames = sequential_importance(loaded, None, (), ("magnitude",), ("heads", "neurons"), progress)
+    else:
+        frames = sequential_importance(loaded, selection, LAYER_METHODS, UNIT_METHODS, ("heads", "neurons"), progress)
+    for (k, m), frame in frames.items():
+        target = importance_path(loaded, k, m, selection if m != "magnitude" else None)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp-{os.getpid()}")
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, target)
+    return frames[(kind, method)]
