@@ -6,8 +6,9 @@ all resolve through :func:`resolve`:
 - ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``. ``auto`` is the first GPU when one is
   visible (``torch.cuda``), else Apple's ``mps`` when present, else the CPU.
 - ``dtype``: ``auto`` | ``bf16`` | ``fp16`` | ``fp32``. ``auto`` is bf16 on a GPU that supports it (fp16 on
-  one that does not), fp32 on the CPU and on ``mps``. bf16 on the CPU is allowed on request: this project's
-  CPUs have AVX-512 bf16; elsewhere torch emulates it, slowly.
+  one that does not), fp32 on the CPU and on ``mps``. bf16 on the CPU is allowed on request: fast where the
+  CPU has AVX-512 BF16 or AMX, emulated elsewhere (the AVX2-only EPYC this was last measured on runs bf16
+  matmuls several times slower than fp32).
 
 Asking for a device that is not there, or a precision the device lacks, is one line naming the value and
 what is available (``device 'cuda': no GPU is visible; available: cpu``). The resolved pair is printed by
