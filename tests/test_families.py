@@ -166,7 +166,7 @@ def test_family_non_uniform_widths_reload_with_their_modeling_file(name, folder_
     assert difference <= 1e-4 and same_answer
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "idefics3", "gemma3"])  # merger in the tower; text_model; tied head
+@pytest.mark.parametrize("name", list(BUILDERS))  # every family: mergers in the tower, text_model, tied heads
 def test_family_int8_quantizes_the_decoder_only_and_round_trips(name, folder_of, tmp_path):
     import bitsandbytes as bnb
 
