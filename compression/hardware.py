@@ -25,6 +25,24 @@ from typing import Literal
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:N", "mps"
 DtypeName = Literal["auto", "bf16", "fp16", "fp32"]
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")
+# the short names every figure uses, and torch's own names for them (also accepted on input)
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """``fp32`` / ``bf16`` / ``fp16`` (or torch's ``float32`` …) as a torch dtype."""
+    import torch
+
+    short = {v: k for k, v in TORCH_NAMES.items()}.get(name.lower(), name.lower())
+    if short not in TORCH_NAMES:
+        raise HardwareError(f"dtype {name!r}: expected one of {', '.join(TORCH_NAMES)}")
+    return getattr(torch, TORCH_NAMES[short])
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype's short name (``bf16``), or torch's name for one without a short name."""
+    text = str(dtype).replace("torch.", "")
+    return {v: k for k, v in TORCH_NAMES.items()}.get(text, text)
 
 
 class HardwareError(ValueError):
@@ -42,9 +60,7 @@ class Hardware:
 
     @property
     def dtype(self):
-        import torch
-
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype_name]
+        return torch_dtype(self.dtype_name)
 
     @property
     def is_gpu(self) -> bool:
@@ -107,7 +123,7 @@ def resolve(device: DeviceName = "auto", dtype: DtypeName | str = "auto") -> Har
         raise HardwareError(f"device {requested[0]!r} is not available; expected auto or one of {', '.join(available)}")
     supported = _supported_dtypes(device)
     dtype = (dtype or "auto").strip().lower()
-    aliases = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+    aliases = {**{v: k for k, v in TORCH_NAMES.items()}, "half": "fp16"}
     dtype = aliases.get(dtype, dtype)
     if dtype == "auto":
         dtype = supported[0] if device.startswith("cuda") else "fp32"
@@ -138,16 +154,7 @@ def device_memory(hw: Hardware) -> tuple[int, int]:
 
         free, total = torch.cuda.mem_get_info(int(hw.device.split(":")[1]))
         return int(total), int(free)
-    import os
+    import psutil  # what compression.measure.memory.available_bytes reads too
 
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    available = total
-    try:  # MemAvailable: what a new allocation can take without swapping (Linux)
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    return int(total), int(available)
+    ram = psutil.virtual_memory()
+    return int(ram.total), int(ram.available)

@@ -3,7 +3,7 @@ folder on disk) and answers exactly as the model loaded whole."""
 import torch
 from safetensors import safe_open
 
-import compression.models.loader as loader
+from compression.measure import memory
 from compression.data.sources import open_source, select
 from compression.measure import evaluate
 from compression.models import load
@@ -31,7 +31,7 @@ def test_a_model_that_does_not_fit_is_offloaded_and_answers_the_same(tmp_path, m
     assert evaluate.generate(whole.model, whole.prompt, inputs, 4) == evaluate.generate(half.model, half.prompt, inputs, 4)
 
     # the "auto" rule: weights above 90 % of the device's free memory are offloaded without being asked
-    monkeypatch.setattr(loader, "_free_memory", lambda device: stored // 2)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": stored // 2)
     assert load(str(folder)).extras["placement"]["offloaded"] is True
-    monkeypatch.setattr(loader, "_free_memory", lambda device: stored * 2)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": stored * 2)
     assert "placement" not in load(str(folder)).extras

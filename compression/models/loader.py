@@ -71,15 +71,16 @@ class LoadedModel:
     @property
     def hardware_label(self) -> str:
         """Where the weights are and in which precision, as measured figures say it: ``cpu, bf16``."""
+        from compression.hardware import dtype_name
+
         p = next(self.model.parameters(), None)
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         placement = self.extras.get("placement")
         if p is not None and placement and placement["offloaded"]:
             where = " + ".join(f"{w} ({n} modules)" for w, n in placement["modules"].items())
-            return f"offloaded: {where}, {names.get(p.dtype, str(p.dtype).replace('torch.', ''))}"
+            return f"offloaded: {where}, {dtype_name(p.dtype)}"
         if p is None or p.device.type == "meta":
             return "config only"
-        return f"{p.device}, {names.get(p.dtype, str(p.dtype).replace('torch.', ''))}"
+        return f"{p.device}, {dtype_name(p.dtype)}"
 
 
 def parameter_counts(model: nn.Module, anatomy: Anatomy) -> dict[str, int]:
@@ -230,8 +231,9 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
     no weights at all. For models larger than memory.
     """
     if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                 "fp16": torch.float16, "float16": torch.float16}.get(dtype.lower(), dtype)
+        from compression.hardware import torch_dtype
+
+        dtype = torch_dtype(dtype)
     kind, name, path = _resolve(source.strip())
     if kind == "hub":
         path = _hub_folder(name)
@@ -274,28 +276,14 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
 
 
 def _weights_bytes(path: Path, dtype: torch.dtype) -> int:
-    """The weights' bytes once loaded in ``dtype``, from the safetensors headers (no tensor is read)."""
+    """The weights' bytes once loaded in ``dtype``: from the safetensors headers (``measure.memory.weight_bytes``,
+    no tensor read), else the files' sizes."""
+    from compression.measure import memory
+
     files = weight_file_names(path)
-    if not files or not all(f.suffix == ".safetensors" for f in files):
-        return sum(f.stat().st_size for f in files)
-    weights = WeightFiles(path, "the model's")
-    size = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for key in weights.keys():
-        numel = 1
-        for d in weights.shape(key):
-            numel *= d
-        total += numel * (size if weights.dtype(key).is_floating_point else weights.dtype(key).itemsize)
-    return total
-
-
-def _free_memory(device: str) -> int:
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(int(device.split(":")[1]) if ":" in device else 0)
-        return int(free)
-    from compression.hardware import cpu, device_memory
-
-    return device_memory(cpu())[1]
+    if files and all(f.suffix == ".safetensors" for f in files):
+        return memory.weight_bytes(path, dtype)
+    return sum(f.stat().st_size for f in files)
 
 
 def _placement(path: Path, device: str, dtype, offload, max_memory) -> dict[str, Any] | None:
@@ -303,12 +291,14 @@ def _placement(path: Path, device: str, dtype, offload, max_memory) -> dict[str,
     for the plain path: everything on ``device``."""
     if offload is False and max_memory is None:
         return None
+    from compression.measure import memory
+
     needed = _weights_bytes(path, dtype)
     if max_memory is None:
-        free = _free_memory(device)
+        free = memory.available_bytes(device)
         if offload == "auto" and needed <= 0.9 * free:
             return None
-        cpu_free = _free_memory("cpu")
+        cpu_free = memory.available_bytes("cpu")
         if device.startswith("cuda"):
             index = int(device.split(":")[1]) if ":" in device else 0
             max_memory = {index: int(0.9 * free), "cpu": int(0.8 * cpu_free)}
@@ -352,8 +342,11 @@ def saved_dtype(folder: str | Path) -> str:
     except (OSError, ValueError):
         return "fp32"
     text = config.get("text_config") or {}
+    from compression.hardware import TORCH_NAMES, dtype_name
+
     name = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "float32"
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(name), "fp32")
+    short = dtype_name(name)
+    return short if short in TORCH_NAMES else "fp32"
 
 
 # A tokenizer is one of these files (fast, sentencepiece, byte-level BPE, WordPiece, Mistral's tekken); the image
