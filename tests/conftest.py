@@ -29,3 +29,27 @@ def reference_path():
     if not (REFERENCE_PATH / "model.safetensors").is_file():
         pytest.fail(f"the shipped reference model is missing at {REFERENCE_PATH}")
     return REFERENCE_PATH
+
+
+@pytest.fixture
+def quiet_workers(monkeypatch):
+    """For tests that start job workers: workers inherit one thread each (2 shared cores), fast heartbeats and
+    one job at a time; afterwards no worker is left behind."""
+    import signal
+
+    import torch
+
+    from compression.runs import jobs
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("COMPRESSION_HEARTBEAT_S", "0.3")
+    monkeypatch.setenv("COMPRESSION_MAX_JOBS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for process in list(jobs._children.values()):
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    jobs._children.clear()

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from compression.cli import main as cli
@@ -27,21 +26,8 @@ def tiny_folder(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_single_threaded(monkeypatch):
-    # Workers inherit these: one thread each (2 shared cores), fast heartbeats, one job at a time.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("COMPRESSION_HEARTBEAT_S", "0.3")
-    monkeypatch.setenv("COMPRESSION_MAX_JOBS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for job_id, process in list(jobs._children.items()):  # never leave a worker behind
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    jobs._children.clear()
+# every test: one thread per worker, fast heartbeats, one job at a time, no worker left behind
+pytestmark = pytest.mark.usefixtures("quiet_workers")
 
 
 def recipe_for(folder: Path, steps: int, name: str = "tiny", checkpoint_every: int = 5) -> Recipe:

@@ -2,14 +2,11 @@
 definition, the wall-time estimate, the importance pass and the original's evaluation computed
 once per sweep, and a sweep run, cancelled and resumed as a group by real worker processes."""
 import json
-import os
 import random
-import signal
 import sqlite3
 import time
 
 import pytest
-import torch
 
 from compression.cli import main as cli
 from compression.measure import evaluate
@@ -24,20 +21,8 @@ def tiny_folder(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", layers=6)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_single_threaded(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("COMPRESSION_HEARTBEAT_S", "0.3")
-    monkeypatch.setenv("COMPRESSION_MAX_JOBS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for process in list(jobs._children.values()):  # never leave a worker behind
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    jobs._children.clear()
+# every test: one thread per worker, fast heartbeats, one job at a time, no worker left behind
+pytestmark = pytest.mark.usefixtures("quiet_workers")
 
 
 GRID = {"name": "grid", "base": {"model": "reference", "recovery": {"max_steps": 40},
