@@ -132,6 +132,24 @@ def fill_text(page, label: str, value: str, sidebar: bool = False) -> None:
     field.press("Enter")
 
 
+def pick_folder_and_data(page, port: int, model: Path, data: Path, before_data=None) -> None:
+    """Open the app, then pick a local model folder and a LLaVA JSON file in the sidebar, as a user would."""
+    page.goto(f"http://localhost:{port}/", wait_until="commit")
+    page.locator("[data-testid=stMain] h1").filter(has_text="Model").wait_for()
+    sidebar = page.locator("[data-testid=stSidebar]")
+    settle(page)
+    sidebar.get_by_text("Local folder", exact=True).click()
+    settle(page)
+    fill_text(page, "Folder (or a config.json)", str(model), sidebar=True)
+    settle(page)
+    if before_data is not None:
+        before_data()
+    sidebar.get_by_text("LLaVA JSON + image folder", exact=True).click()
+    settle(page)
+    fill_text(page, "File", str(data), sidebar=True)
+    settle(page)
+
+
 def test_users_model_and_data_from_the_sidebar_to_results(browser, tmp_path):
     """A llava-1.5-geometry folder of one's own and LLaVA-format data, picked in the sidebar: a job trains
     on the user's records and Results shows the accuracy measured on the user's test file."""
@@ -145,19 +163,8 @@ def test_users_model_and_data_from_the_sidebar_to_results(browser, tmp_path):
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.set_default_timeout(120_000)
-        page.goto(f"http://localhost:{port}/", wait_until="commit")
-        page.locator("[data-testid=stMain] h1").filter(has_text="Model").wait_for()
-        sidebar = page.locator("[data-testid=stSidebar]")
-        settle(page)
-        sidebar.get_by_text("Local folder", exact=True).click()
-        settle(page)
-        fill_text(page, "Folder (or a config.json)", str(model), sidebar=True)
-        settle(page)
-        page.get_by_text("Pick the data to measure").wait_for()  # no data chosen: nothing is measured on shapes
-        sidebar.get_by_text("LLaVA JSON + image folder", exact=True).click()
-        settle(page)
-        fill_text(page, "File", str(test), sidebar=True)
-        settle(page)
+        pick_folder_and_data(page, port, model, test, before_data=lambda: page.get_by_text(
+            "Pick the data to measure").wait_for())  # no data chosen: nothing is measured on shapes
         page.get_by_text("Model's answer:").wait_for()
         assert "what colour is the square?" in page.locator("[data-testid=stMain]").inner_text()
         no_exception(page)
@@ -342,18 +349,7 @@ def test_a_qwen2_5_vl_model_through_model_importance_and_token_maps(browser, tmp
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.set_default_timeout(120_000)
-        page.goto(f"http://localhost:{port}/", wait_until="commit")
-        page.locator("[data-testid=stMain] h1").filter(has_text="Model").wait_for()
-        sidebar = page.locator("[data-testid=stSidebar]")
-        settle(page)
-        sidebar.get_by_text("Local folder", exact=True).click()
-        settle(page)
-        fill_text(page, "Folder (or a config.json)", str(model), sidebar=True)
-        settle(page)
-        sidebar.get_by_text("LLaVA JSON + image folder", exact=True).click()
-        settle(page)
-        fill_text(page, "File", str(data), sidebar=True)
-        settle(page)
+        pick_folder_and_data(page, port, model, data)
         page.get_by_text("Model's answer:").wait_for()
         shot(page, "21-qwen-model")
         main = page.locator("[data-testid=stMain]").inner_text()
