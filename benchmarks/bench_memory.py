@@ -15,6 +15,9 @@ of that process: memory-mapped file pages it touched count) is its own:
 - ``prune layer`` / ``prune width``: ``python -m compression prune --streaming`` at 30 % of the language model
   (layers by block influence; width by activation scores, ``--servable`` so every layer has one width and plain
   transformers loads it), reading the cached scores (``compression.methods.streaming``);
+- ``taylor`` (not in the default stages): ``analyze --kind heads --method taylor``, sequential (forward and
+  backward one decoder layer at a time) against the whole model's lean path, each with its own cache; the scores
+  of both kinds compared;
 - ``reload``: each pruned folder with plain ``LlavaForConditionalGeneration.from_pretrained`` (bf16), one
   forward pass of a short text prompt (an image's 576 tokens through 7B in bf16 take many minutes on a CPU
   without AVX-512), finite logits, and a few tensors compared with the source's (kept rows of a kept layer).
@@ -152,8 +155,11 @@ def predictions(folder: Path, samples: int, runtime: int) -> dict:
     phases = memory.sequential_analysis_plans(sizes, torch.float32, samples, tokens, batch, runtime)
     layer = memory.streaming_prune_plan(sizes, torch.bfloat16, SHARD_BYTES, "layer", runtime)
     width = memory.streaming_prune_plan(sizes, torch.bfloat16, SHARD_BYTES, "width", runtime)
+    taylor_phases = memory.sequential_analysis_plans(sizes, torch.float32, samples, tokens, batch, runtime, taylor=True)
     return {"analyze": max(phases, key=lambda p: p.peak), "phases": phases, "prune layer": layer,
-            "prune width": width, "tokens": tokens, "sizes": sizes}
+            "prune width": width, "tokens": tokens, "sizes": sizes,
+            "taylor sequential": max(taylor_phases, key=lambda p: p.peak), "taylor_phases": taylor_phases,
+            "taylor whole": memory.whole_taylor_plan(sizes, torch.float32, samples, tokens, runtime)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -166,7 +172,9 @@ def main() -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--folder", help="an existing scale_model.py folder to measure (not written, not deleted)")
-    parser.add_argument("--stages", default="analyze,prune,reload", help="comma-separated: analyze, prune, reload")
+    parser.add_argument("--stages", default="analyze,prune,reload",
+                        help="comma-separated: analyze, prune, reload, taylor (Taylor heads + neurons, sequential "
+                             "against the whole model's lean path, scores compared)")
     parser.add_argument("--prune-scorers", default="block_influence,activation",
                         help="layer,width scorers for the prune stages (none: no analysis, lowest indices / deepest "
                              "layers; default: the analyze stage's cached scores)")
@@ -234,6 +242,23 @@ def main() -> int:
             print(f"{name}: {result['seconds']:.0f} s, peak {result['peak'] / 1e9:.2f} GB "
                   f"({result['peak'] / weights:.1%} of the weights), predicted {plan.peak / 1e9:.2f} GB", flush=True)
             _write(args, command, weights, runtime, rows, reloads, predicted, quiet=True)  # what is measured so far
+        if "taylor" in wanted:
+            # the sequential sweep scores heads and neurons from one backward; the whole model's run scores heads
+            taylor_stages = [("taylor heads + neurons, sequential", ["--sequential"], predicted["taylor sequential"]),
+                             ("taylor heads, whole model (lean)", [], predicted["taylor whole"])]
+            for i, (name, extra, plan) in enumerate(taylor_stages):
+                # separate caches: both paths store their scores under the same names
+                stage_env = dict(env, COMPRESSION_CACHE=str(work / f"cache-taylor-{i}"))
+                argv = ["analyze", "--kind", "heads", "--method", "taylor", *extra, "--json", *common]
+                result = run_child("cli", {"argv": argv}, stage_env)
+                if result["rc"] != 0:
+                    raise RuntimeError(f"{name}: exit {result['rc']}: {result['output'][-500:]}")
+                rows.append((name, result, plan))
+                print(f"{name}: {result['seconds']:.0f} s, peak {result['peak'] / 1e9:.2f} GB "
+                      f"({result['peak'] / weights:.1%} of the weights), predicted {plan.peak / 1e9:.2f} GB", flush=True)
+                _write(args, command, weights, runtime, rows, reloads, predicted, quiet=True)
+            predicted["taylor_compare"] = _compare_taylor(work / "cache-taylor-0", work / "cache-taylor-1")
+            print(f"taylor, sequential vs whole: {predicted['taylor_compare']}", flush=True)
         for out in ("layer30", "width30") if "reload" in wanted else ():
             reloads[out] = run_child("reload", {"out": str(work / out), "source": str(folder),
                                                 "layers": args.layers}, env)
@@ -243,6 +268,21 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _compare_taylor(sequential_cache: Path, whole_cache: Path) -> dict:
+    """Max relative difference of the two paths' Taylor scores, per kind (the cached CSVs)."""
+    import pandas as pd
+
+    out = {}
+    for kind in ("heads", "neurons"):
+        files = [next((c / "importance").glob(f"*-{kind}-taylor.csv"), None) for c in (sequential_cache, whole_cache)]
+        if None in files:
+            out[kind] = "not scored"
+            continue
+        a, b = (pd.read_csv(f)["score"] for f in files)
+        out[kind] = float(((a - b).abs() / b.abs().clip(lower=1e-12)).max())
+    return out
 
 
 def _write(args, command: str, weights: int, runtime: dict, rows: list, reloads: dict, predicted: dict,
@@ -278,9 +318,15 @@ def _write(args, command: str, weights: int, runtime: dict, rows: list, reloads:
                      + (f"{r['predicted_gb']:.2f} | {r['prediction_error']:+.1%} | {'yes' if r['within_budget'] else 'NO'} |"
                         if r["predicted_gb"] != "" else "| | |"))
     lines += ["", "Predicted terms (``compression.measure.memory``; GB):", ""]
-    for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]]:
+    taylor = ([predicted["taylor_phases"][-1], predicted["taylor whole"]]
+              if any(r[0].startswith("taylor") for r in rows) else [])
+    for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]] + taylor:
         lines.append(f"- {plan.stage}: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in plan.terms.items())
                      + f"; total {plan.peak / 1e9:.2f}")
+    if "taylor_compare" in predicted:
+        lines += ["", "Taylor, sequential against the whole model's lean path, max relative difference of the scores: "
+                  + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in predicted["taylor_compare"].items())]
     lines += ["", f"Model sizes: parts (vision, projector, embeddings, norm) {sizes.parts:,} params, one decoder layer "
               f"{sizes.layer:,}, LM head {sizes.lm_head:,}.", "",
               "Reload with plain `LlavaForConditionalGeneration.from_pretrained` (bf16) and one text-only forward "
@@ -347,6 +393,8 @@ def repredict(args) -> int:
     out = []
     for r in table:
         key = next((k for k in ("analyze", "prune layer", "prune width") if r["stage"].startswith(k)), None)
+        if r["stage"].startswith("taylor"):
+            key = "taylor sequential" if "sequential" in r["stage"] else "taylor whole"
         if key is not None:
             plan = predicted[key]
             peak = float(r["peak_gb"]) * 1e9

@@ -58,12 +58,32 @@ def test_sequential_scores_equal_the_whole_models(name, folders, data):
     assert all(p.device.type == "meta" for p in seq.model.parameters())
 
 
-def test_sequential_refuses_deepstack_and_taylor(folders, data):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sequential_taylor_equals_the_whole_models(name, folders, data):
+    """Forward layer by layer keeping each layer's input, the loss through the norm and the LM head, backward
+    layer by layer in reverse: the whole model's lean Taylor scores, over padded mini-batches."""
+    whole = models.load(str(folders[name]))
+    seq = models.load(str(folders[name]), sequential=True)
+    records = importance.calibration_selection({"path": str(data)}, n=4).records
+    batches = importance.calibration_batches(whole.prompt, records, batch_size=2)
+    frames = sequential_importance(seq, batches, (), ("taylor",))
+    for kind in ("heads", "neurons"):
+        expected = importance.unit_importance(whole, batches, kind, "taylor")
+        got = frames[(kind, "taylor")]
+        assert got.drop(columns="score").equals(expected.drop(columns="score"))
+        assert _relative(expected["score"], got["score"]) < 1e-5
+        assert float(expected["score"].min()) > 0  # every unit on the loss path got a gradient
+    assert all(p.device.type == "meta" for p in seq.model.parameters())
+    with pytest.raises(ValueError, match="answer labels"):
+        sequential_importance(seq, [{k: v for k, v in b.items() if k != "labels"} for b in batches], (), ("taylor",))
+
+
+def test_sequential_refuses_deepstack(folders, data):
     seq = models.load(str(folders["qwen3_vl"]), sequential=True)
     records = importance.calibration_selection({"path": str(data)}, n=2).records
     with pytest.raises(ValueError, match="DeepStack"):
         sequential_importance(seq, records)
-    with pytest.raises(ValueError, match="Taylor needs the whole model"):
+    with pytest.raises(ValueError, match="DeepStack"):
         sequential_importance(seq, records, unit_methods=("taylor",))
 
 
@@ -127,6 +147,11 @@ def test_memory_plan_terms_and_fit(folders):
     assert memory.weight_bytes(folders["llava"]) == Checkpoint(folders["llava"]).nbytes
     assert memory.weight_bytes(folders["llava"], torch.bfloat16) * 2 == memory.weight_bytes(folders["llava"])
     assert memory.fits(folders["llava"])
+    # Taylor: the forward sweep keeps every layer's input; the backward sweep adds a layer's gradients
+    *_, backward = memory.sequential_analysis_plans(sizes, torch.float32, 8, 100, 8, 0, taylor=True)
+    assert backward.terms["kept_inputs"] == 3 * 8 * 100 * sizes.hidden_size * 4  # 3 decoder layers
+    assert backward.terms["gradients"] == sizes.layer * 4
+    assert memory.sequential_analysis_plan(sizes, torch.float32, 8, 100, 8, 0, taylor=True).peak > peak
 
 
 def test_cli_sequential_analyze_and_streaming_prune(folders, data, tmp_path, capsys):
@@ -140,14 +165,25 @@ def test_cli_sequential_analyze_and_streaming_prune(folders, data, tmp_path, cap
     assert _relative(whole["score"], [r["score"] for r in payload["scores"]]) < 1e-5
     out = tmp_path / "pruned"
     assert main(["prune", "--model", folder, "--method", "width", "--ratio", "0.2", "--layer-range", "1:3",
-                 "--data", str(data), "--samples", "4", "--streaming", "--out", str(out), "--json"]) == 0
+                 "--data", str(data), "--samples", "4", "--scorer", "activation", "--streaming", "--out", str(out),
+                 "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["streaming"] and payload["scorer"] == "activation" and (out / "config.json").is_file()
     assert models.load(str(out)).anatomy.intermediate_per_layer == payload["widths_after"]["intermediate_size"]
-    # Taylor needs the whole model: one line, exit 2, nothing written
-    bad = tmp_path / "bad"
+    # Taylor (the default scorer) streams too, and plans what the whole model's Taylor scores plan
+    taylor = tmp_path / "taylor"
     assert main(["prune", "--model", folder, "--method", "width", "--ratio", "0.2", "--layer-range", "1:3",
-                 "--data", str(data), "--scorer", "taylor", "--streaming", "--out", str(bad)]) == 2
+                 "--data", str(data), "--samples", "4", "--streaming", "--out", str(taylor), "--json"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    assert streamed["streaming"] and streamed["scorer"] == "taylor"
+    assert main(["prune", "--model", folder, "--method", "width", "--ratio", "0.2", "--layer-range", "1:3",
+                 "--data", str(data), "--samples", "4", "--out", str(tmp_path / "whole"), "--json"]) == 0
+    in_memory = json.loads(capsys.readouterr().out)
+    assert streamed["widths_after"] == in_memory["widths_after"]
+    # removal loss needs the whole model: one line, exit 2, nothing written
+    bad = tmp_path / "bad"
+    assert main(["prune", "--model", folder, "--method", "layer", "--ratio", "0.3", "--data", str(data),
+                 "--scorer", "removal_loss", "--streaming", "--out", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "needs the whole model" in err and len(err.strip().splitlines()) == 1 and not bad.exists()
     assert main(["analyze", "--model", "reference", "--kind", "layers", "--sequential"]) == 2

@@ -18,7 +18,6 @@ import sys
 from compression.cli.common import UsageError, add_data_arguments, add_hardware_arguments, data_source, emit, load_model
 
 SCORER_DEFAULTS = {"layer": "block_influence", "width": "taylor"}
-SEQUENTIAL_SCORER_DEFAULTS = {"layer": "block_influence", "width": "activation"}  # Taylor needs the whole model
 
 
 def _layer_range(text: str | None) -> tuple[int, int] | None:
@@ -96,7 +95,7 @@ def _load_sequential(args):
 
 
 def _sequential_scores(args, loaded, method: str, scorer: str):
-    """Scores for a plan from the sequential path (block influence; activation or magnitude)."""
+    """Scores for a plan from the sequential path (block influence; Taylor, activation or magnitude)."""
     from compression.methods.sequential import LAYER_METHODS, UNIT_METHODS, cached_sequential_importance
 
     if scorer == "none":
@@ -130,11 +129,10 @@ def _scores(args, loaded, method: str, scorer: str):
 def _make_plan(args, loaded, sequential: bool = False):
     from compression.methods.prune import make_plan
 
+    scorer = args.scorer or SCORER_DEFAULTS[args.method]
     if sequential:
-        scorer = args.scorer or SEQUENTIAL_SCORER_DEFAULTS[args.method]
         scores = _sequential_scores(args, loaded, args.method, scorer)
     else:
-        scorer = args.scorer or SCORER_DEFAULTS[args.method]
         scores = _scores(args, loaded, args.method, scorer)
     return make_plan(loaded, args.method, ratio=args.ratio, target_mb=args.target_mb, scores=scores,
                      layer_range=_layer_range(args.layer_range), target_dtype=args.target_dtype,
@@ -153,7 +151,7 @@ def _cmd_analyze(args) -> int:
     from compression.methods.importance import cached_importance
     from compression.methods.sequential import cached_sequential_importance
 
-    method = args.method or ("block_influence" if args.kind == "layers" else "activation" if sequential else "taylor")
+    method = args.method or ("block_influence" if args.kind == "layers" else "taylor")
     calibration = _calibration(args, method)
     if sequential:
         frame = cached_sequential_importance(loaded, args.kind, method, calibration)

@@ -69,6 +69,7 @@ class ModelSizes:
     vision_intermediate: int = 0
     vision_heads: int = 0
     vision_layers: int = 0
+    decoder_layers: int = 0
 
     @property
     def total(self) -> int:
@@ -95,7 +96,7 @@ def model_sizes(model: nn.Module, anatomy) -> ModelSizes:
                       anatomy.vision_patches, anatomy.vision_hidden_size,
                       int(getattr(vision, "intermediate_size", 0) or 4 * anatomy.vision_hidden_size),
                       int(getattr(vision, "num_attention_heads", 0) or getattr(vision, "num_heads", 0) or 1),
-                      anatomy.vision_layers)
+                      anatomy.vision_layers, len(layers))
 
 
 def _activations(s: ModelSizes, batch: int, tokens: int, b: int) -> int:
@@ -112,11 +113,20 @@ def _vision_activations(s: ModelSizes, images: int, b: int) -> int:
     return max(mlp, attention) + kept
 
 
+def _training_activations(s: ModelSizes, batch: int, tokens: int, b: int) -> int:
+    """What autograd keeps of one batch through one decoder layer for its backward: the norms' outputs, q, k, v,
+    the attention output and the fp32 scores and probabilities (the math kernel), gate, up, their activation and
+    product."""
+    return (6 * s.hidden_size + 4 * s.intermediate_size) * batch * tokens * b + 2 * batch * s.heads * tokens ** 2 * 4
+
+
 def sequential_analysis_plans(sizes: ModelSizes, dtype: torch.dtype, samples: int, tokens: int, batch_size: int,
-                              runtime: int = RUNTIME_BYTES) -> list[MemoryPlan]:
-    """``compression.methods.sequential.sequential_importance``, its two phases: the capture (the parts in memory,
+                              runtime: int = RUNTIME_BYTES, taylor: bool = False) -> list[MemoryPlan]:
+    """``compression.methods.sequential.sequential_importance``, its phases: the capture (the parts in memory,
     the vision tower running on one batch of images) and the layer sweep (the parts released; one layer, every
-    batch's hidden states, one batch's activations). The stage's peak is the larger."""
+    batch's hidden states, one batch's activations); with ``taylor``, the backward sweep (one layer and its
+    gradients, every layer's kept input hidden states and every batch's output
+    gradient, one batch's activations kept for backward). The stage's peak is the largest."""
     b = DTYPE_BYTES[dtype]
     batch = min(batch_size, samples)
     capture = MemoryPlan("analyze, sequential: capture", {
@@ -126,13 +136,23 @@ def sequential_analysis_plans(sizes: ModelSizes, dtype: torch.dtype, samples: in
         "runtime": runtime, "layer": sizes.layer * b, "layer_read": sizes.largest_tensor * b,
         "hidden": (samples + batch) * tokens * sizes.hidden_size * b,
         "activations": _activations(sizes, batch, tokens, b)})
-    return [capture, sweep]
+    if not taylor:
+        return [capture, sweep]
+    count = sizes.decoder_layers or max(1, round(sizes.layers / max(sizes.layer, 1)))
+    hidden = samples * tokens * sizes.hidden_size * b
+    sweep.terms["kept_inputs"] = count * hidden  # the forward sweep keeps every layer's input for the backward one
+    backward = MemoryPlan("analyze, sequential: Taylor backward", {
+        "runtime": runtime, "layer": sizes.layer * b, "layer_read": sizes.largest_tensor * b,
+        "gradients": sizes.layer * b, "kept_inputs": count * hidden, "output_gradients": hidden,
+        "activations": _training_activations(sizes, batch, tokens, b)})
+    return [capture, sweep, backward]
 
 
 def sequential_analysis_plan(sizes: ModelSizes, dtype: torch.dtype, samples: int, tokens: int, batch_size: int,
-                             runtime: int = RUNTIME_BYTES) -> MemoryPlan:
-    """The larger phase of ``sequential_analysis_plans``."""
-    return max(sequential_analysis_plans(sizes, dtype, samples, tokens, batch_size, runtime), key=lambda p: p.peak)
+                             runtime: int = RUNTIME_BYTES, taylor: bool = False) -> MemoryPlan:
+    """The largest phase of ``sequential_analysis_plans``."""
+    return max(sequential_analysis_plans(sizes, dtype, samples, tokens, batch_size, runtime, taylor),
+               key=lambda p: p.peak)
 
 
 def whole_analysis_plan(sizes: ModelSizes, dtype: torch.dtype, samples: int, tokens: int, batch_size: int,
@@ -143,6 +163,22 @@ def whole_analysis_plan(sizes: ModelSizes, dtype: torch.dtype, samples: int, tok
     return MemoryPlan("analyze, whole model", {
         "runtime": runtime, "weights": sizes.total * b, "hidden": 2 * batch * tokens * sizes.hidden_size * b,
         "activations": _activations(sizes, batch, tokens, b), "vision_activations": _vision_activations(sizes, batch, b)})
+
+
+def whole_taylor_plan(sizes: ModelSizes, dtype: torch.dtype, samples: int, tokens: int,
+                      runtime: int = RUNTIME_BYTES) -> MemoryPlan:
+    """``importance._taylor_lean`` on the whole model: the weights, every decoder layer's input for the merged
+    batch of all samples (activation recomputation keeps only those), one layer's activations kept for backward
+    on that batch, the vision tower on every image at once (no gradients), and the gradient arriving for the
+    largest weight with its ``|W * G|`` in fp32."""
+    b = DTYPE_BYTES[dtype]
+    count = sizes.decoder_layers or max(1, round(sizes.layers / max(sizes.layer, 1)))
+    return MemoryPlan("analyze, whole model: lean Taylor", {
+        "runtime": runtime, "weights": sizes.total * b,
+        "kept_inputs": (count + 1) * samples * tokens * sizes.hidden_size * b,
+        "activations": _training_activations(sizes, samples, tokens, b),
+        "vision_activations": _vision_activations(sizes, samples, b),
+        "gradient": sizes.largest_tensor * (b + 4)})
 
 
 def streaming_prune_plan(sizes: ModelSizes, dtype: torch.dtype, shard_bytes: int, method: str = "width",

@@ -37,8 +37,9 @@ Calibration data is any data source (``compression.data.sources``: the user's LL
 folder, or ShapesVQA for the reference model), prompted with the model's own chat template; the loss is
 on the assistant turns only.
 
-Models larger than memory: ``compression.methods.sequential`` gives block influence, activation and magnitude
-scores with one decoder layer in memory at a time (the same per-layer sums; equal to these to float rounding).
+Models larger than memory: ``compression.methods.sequential`` gives block influence, Taylor, activation and
+magnitude scores with one decoder layer in memory at a time (the same per-layer sums, the same loss; equal to
+these to float rounding).
 
 Results are pandas DataFrames; ``cached_importance`` stores them under
 ``cache_dir()/importance/<model fingerprint>-<selection fingerprint>-<kind>-<method>.csv`` (CSV, so a

@@ -15,23 +15,36 @@ llm-compressor's *sequential onloading* (``vllm-project/llm-compressor``, ``pipe
 
 Memory: the non-layer parts and one batch's vision-tower activations during the capture; then one decoder layer,
 every sample's hidden states and one batch's activations (``compression.measure.memory`` predicts both). The scores are ``importance``'s own (same per-layer sums, same tensors into each layer):
-``block_influence``, and ``activation`` / ``magnitude`` for heads and neurons. Taylor needs a backward pass
-through every later layer and is not offered here; ``removal_loss`` neither (it needs the whole model per layer).
+``block_influence``, and ``activation`` / ``magnitude`` for heads and neurons.
+
+Taylor (``sequential_taylor``) runs the same way in two sweeps, as activation checkpointing does with a layer as
+the unit: forward, layer by layer, keeping every layer's input hidden states (not its activations); the loss
+on the answer tokens through the final norm and the LM head (read from the shards for that step only); then
+backward, layer by layer in reverse, onloading each layer again, recomputing its forward from the kept input
+and pushing the gradient of its output through it. The layer's weight gradients, summed over the batches, become
+``|W * dL/dW|`` per unit while it is in memory; the gradient of its input is the next step's. The loss is the
+mean answer-token cross-entropy over all samples, as the whole-model paths, so the scores are equal to float
+rounding. Peak: one decoder layer, its gradients, every layer's input hidden states and one batch's activations.
+``removal_loss`` is not offered (it needs the whole model per layer).
+
 Qwen3-VL's DeepStack adds vision features between layers inside the model's loop, which the recorder does not
 see: refused in one line.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compression.data.records import Record
 from compression.data.sources import Selection
-from compression.methods.importance import (SCORERS, _as_batches, activation_hook, influence_sum, layer_group,
-                                            unit_frames)
+from compression.methods.importance import (LM_HEAD_MIN_ROWS, SCORERS, TaylorImportance, _as_batches,
+                                            activation_hook, influence_sum, layer_group, unit_frames)
 from compression.models import Anatomy, LoadedModel
 
 # calibration batch size when records are given: llm-compressor calibrates one sample at a time; the vision tower's
@@ -39,7 +52,7 @@ from compression.models import Anatomy, LoadedModel
 # while the scores are per-token sums (the same to float rounding for any batching: RoPE sees relative positions)
 BATCH_SIZE = 1
 LAYER_METHODS = ("block_influence",)
-UNIT_METHODS = ("activation", "magnitude")
+UNIT_METHODS = ("activation", "magnitude", "taylor")
 
 
 @dataclass
@@ -110,8 +123,7 @@ def _check(layer_methods, unit_methods, kinds) -> None:
             raise ValueError(f"sequential layer importance method {m!r} is not one of {', '.join(LAYER_METHODS)}")
     for m in unit_methods:
         if m not in UNIT_METHODS:
-            raise ValueError(f"sequential unit importance method {m!r} is not one of {', '.join(UNIT_METHODS)} "
-                             "(Taylor needs the whole model: load it without --sequential)")
+            raise ValueError(f"sequential unit importance method {m!r} is not one of {', '.join(UNIT_METHODS)}")
     for k in kinds:
         if k not in ("heads", "neurons"):
             raise ValueError(f"unit kind {k!r} is not 'heads' or 'neurons'")
@@ -141,12 +153,19 @@ def sequential_importance(loaded: LoadedModel, samples: "Selection | list[Record
         raise ValueError(f"model {loaded.name} was not loaded for sequential analysis; use load(..., sequential=True)")
     model, anatomy = loaded.model, loaded.anatomy
     device, dtype = loaded.extras.get("device", "cpu"), loaded.extras.get("dtype", torch.float32)
-    needs_data = bool(layer_methods) or "activation" in unit_methods
+    taylor = "taylor" in unit_methods
+    needs_data = bool(layer_methods) or "activation" in unit_methods or taylor
+    labels: list[torch.Tensor] = []
     if needs_data:
         from compression.models.shards import load_parts
 
         load_parts(model, checkpoint, anatomy, dtype, device, skip=(anatomy.lm_head,))  # a no-op when already read
-        inputs = capture_layer_inputs(model, anatomy, _batches(loaded, samples, batch_size), device, dtype)
+        batches = _batches(loaded, samples, batch_size)
+        if taylor:
+            if any("labels" not in b for b in batches):
+                raise ValueError("Taylor importance needs answer labels in every calibration batch (records give them)")
+            labels = [b["labels"] for b in batches]
+        inputs = capture_layer_inputs(model, anatomy, batches, device, dtype)
     else:
         inputs = []
     if release_parts:
@@ -155,7 +174,10 @@ def sequential_importance(loaded: LoadedModel, samples: "Selection | list[Record
     n = anatomy.num_layers
     influence = torch.zeros(n, dtype=torch.float64)
     scored: dict[str, list] = {m: [] for m in unit_methods}
+    kept: list[list[torch.Tensor]] = []  # Taylor: every layer's input hidden states, one tensor per batch
     for i in range(n):
+        if taylor:
+            kept.append([x.hidden for x in inputs])
         with checkpoint_layer(loaded, i) as layer:
             groups = [layer_group(layer, anatomy, i, k) for k in kinds]
             if "magnitude" in unit_methods:
@@ -177,7 +199,9 @@ def sequential_importance(loaded: LoadedModel, samples: "Selection | list[Record
             if "activation" in unit_methods:
                 scored["activation"] += [(g, (total / count).double()) for g, total in zip(groups, sums)]
         if progress is not None:
-            progress(i + 1, n)
+            progress(i + 1, n * (2 if taylor else 1))
+    if taylor:
+        scored["taylor"] = _taylor_backward(loaded, inputs, kept, labels, kinds, progress)
     out: dict[tuple[str, str], pd.DataFrame] = {}
     if "block_influence" in layer_methods:
         scores = (influence / count).float()
@@ -188,6 +212,92 @@ def sequential_importance(loaded: LoadedModel, samples: "Selection | list[Record
         for kind, frame in frames.items():
             out[(kind, method)] = frame
     return out
+
+
+def _answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose next token is an answer token (logits at ``t`` predict ``t + 1``), padded with ignored
+    ones to ``LM_HEAD_MIN_ROWS`` rows as ``importance._taylor_lean`` does (the same LM-head kernel), and their
+    targets (-100 on the padding)."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = shifted != -100
+    spare = (~keep).flatten().nonzero().flatten()[:max(0, LM_HEAD_MIN_ROWS - int(keep.sum()))]
+    keep.view(-1)[spare] = True
+    return keep, shifted[keep]
+
+
+@contextlib.contextmanager
+def _onloaded_head(loaded: LoadedModel) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """The final norm and the LM head, read from the shards for a ``with`` block (a tied head reads the
+    embeddings), back on ``meta`` afterwards."""
+    from compression.models.shards import _set, _tied_keys, return_freed_memory
+
+    model, anatomy, checkpoint = loaded.model, loaded.anatomy, loaded.extras["checkpoint"]
+    dtype, device = loaded.extras.get("dtype", torch.float32), loaded.extras.get("device", "cpu")
+    tied = set(_tied_keys(model))
+    sources = getattr(model, "_tied_weights_keys", None)
+    embeddings = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_input_embeddings())
+    names = [f"{prefix}.{k}" for prefix in (anatomy.norm, anatomy.lm_head)
+             for k in model.get_submodule(prefix).state_dict()]
+    for name in names:
+        source = name
+        if name not in checkpoint.to_stored and name in tied:  # a tied head: read what it is tied to
+            source = sources[name] if isinstance(sources, dict) else embeddings
+        _set(model, name, checkpoint.read([source], dtype)[source].to(device))
+    try:
+        yield model.get_submodule(anatomy.norm), model.get_submodule(anatomy.lm_head)
+    finally:
+        for name in names:
+            _set(model, name, "meta")
+        return_freed_memory()
+
+
+def _taylor_backward(loaded: LoadedModel, inputs: list[LayerInputs], kept: list[list[torch.Tensor]],
+                     labels: list[torch.Tensor], kinds: tuple[str, ...], progress=None) -> list:
+    """The loss through the final norm and LM head, then backward one decoder layer at a time in reverse (module
+    docstring): ``(group, taylor scores)`` pairs for every layer and kind, in layer order."""
+    model, anatomy = loaded.model, loaded.anatomy
+    text = model.config.get_text_config()
+    softcap = getattr(text, "final_logit_softcapping", None)  # Gemma: tanh capping of the logits before the loss
+    positions = [_answer_positions(lab.to(x.hidden.device)) for lab, x in zip(labels, inputs)]
+    answers = sum(int((t != -100).sum()) for _, t in positions)
+    if not answers:
+        raise ValueError("calibration batches hold no answer tokens; Taylor importance needs a loss")
+    grads: list[torch.Tensor] = []
+    with _onloaded_head(loaded) as (norm, head), torch.enable_grad():
+        for p in list(norm.parameters()) + list(head.parameters()):
+            p.requires_grad_(False)
+        for x, (keep, targets) in zip(inputs, positions):
+            hidden = x.hidden.detach().requires_grad_(True)
+            logits = head(norm(hidden)[keep]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            (F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / answers).backward()
+            grads.append(hidden.grad)
+            x.hidden = None  # the last layer's outputs are no longer needed
+    n = anatomy.num_layers
+    per_layer: list[list] = [[] for _ in range(n)]
+    scorer = TaylorImportance()
+    for i in reversed(range(n)):
+        with checkpoint_layer(loaded, i) as layer, torch.enable_grad():
+            groups = [layer_group(layer, anatomy, i, k) for k in kinds]
+            scored_ids = {id(p) for g in groups for lin in g.rows + g.cols + g.shared_rows
+                          for p in (lin.weight, lin.bias) if p is not None}
+            for p in layer.parameters():
+                p.requires_grad_(id(p) in scored_ids)
+                p.grad = None
+            for b, x in enumerate(inputs):
+                hidden = kept[i][b].detach().requires_grad_(True)
+                out = layer(hidden, **x.kwargs[i])
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                out.backward(grads[b])
+                grads[b] = hidden.grad
+                kept[i][b] = None
+            per_layer[i] = [(g, scorer(g)) for g in groups]
+            for p in layer.parameters():
+                p.grad = None
+        if progress is not None:
+            progress(2 * n - i, 2 * n)
+    return [pair for pairs in per_layer for pair in pairs]
 
 
 def _batches(loaded: LoadedModel, samples, batch_size: int) -> list[dict]:
@@ -237,18 +347,18 @@ def cached_sequential_importance(loaded: LoadedModel, kind: str, method: str | N
     heads and neurons (activation and magnitude) at once and stores every frame under the whole-model cache
     names (the scores are the same), so a later request for another kind is a file read.
 
-    ``method`` defaults to ``block_influence`` for layers and ``activation`` for heads and neurons."""
+    ``method`` defaults to ``block_influence`` for layers and ``taylor`` for heads and neurons, as on the whole
+    model. A Taylor request adds the backward sweep to the same forward sweep (every frame is stored)."""
     import os
 
     from compression.methods.importance import importance_path
 
     if kind not in ("layers", "heads", "neurons"):
         raise ValueError(f"importance kind {kind!r} is not one of layers, heads, neurons")
-    method = method or ("block_influence" if kind == "layers" else "activation")
+    method = method or ("block_influence" if kind == "layers" else "taylor")
     allowed = LAYER_METHODS if kind == "layers" else UNIT_METHODS
     if method not in allowed:
-        raise ValueError(f"method {method!r} does not score {kind} sequentially; expected one of {', '.join(allowed)}"
-                         + ("" if kind == "layers" else " (Taylor needs the whole model in memory)"))
+        raise ValueError(f"method {method!r} does not score {kind} sequentially; expected one of {', '.join(allowed)}")
     if selection is None and method != "magnitude":
         raise ValueError(f"{method} importance needs calibration data; expected a selection of records")
     path = importance_path(loaded, kind, method, selection if method != "magnitude" else None)
@@ -256,8 +366,9 @@ def cached_sequential_importance(loaded: LoadedModel, kind: str, method: str | N
         return pd.read_csv(path)
     if method == "magnitude":
         frames = sequential_importance(loaded, None, (), ("magnitude",), ("heads", "neurons"), progress)
-    else:
-        frames = sequential_importance(loaded, selection, LAYER_METHODS, UNIT_METHODS, ("heads", "neurons"), progress)
+    else:  # one forward sweep for block influence, activation and magnitude; the backward one only for Taylor
+        unit_methods = UNIT_METHODS if method == "taylor" else tuple(m for m in UNIT_METHODS if m != "taylor")
+        frames = sequential_importance(loaded, selection, LAYER_METHODS, unit_methods, ("heads", "neurons"), progress)
     for (k, m), frame in frames.items():
         target = importance_path(loaded, k, m, selection if m != "magnitude" else None)
         target.parent.mkdir(parents=True, exist_ok=True)
