@@ -19,6 +19,8 @@ and the AdamW state stay fp32 (``compression.methods.recover``).
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -111,10 +113,13 @@ def resolve(device: DeviceName = "auto", dtype: DtypeName | str = "auto") -> Har
     requested = (str(device), str(dtype))
     available = available_devices()
     device = (device or "auto").strip().lower()
+    # under `accelerate launch` each process computes on its own GPU: the LOCAL_RANK-th visible one
+    local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     if device == "auto":
-        device = next((d for d in available if d.startswith("cuda")), "mps" if "mps" in available else "cpu")
+        gpus = [d for d in available if d.startswith("cuda")]
+        device = (gpus[local] if local < len(gpus) else gpus[0]) if gpus else "mps" if "mps" in available else "cpu"
     elif device == "cuda":
-        device = "cuda:0"
+        device = f"cuda:{local}"
     if device.startswith("cuda") and device not in available:
         gpus = [d for d in available if d.startswith("cuda")]
         seen = f"{len(gpus)} GPU(s) are visible" if gpus else "no GPU is visible (torch.cuda.device_count() == 0)"

@@ -36,7 +36,9 @@ def recipe_for(folder: Path, steps: int, name: str = "tiny", checkpoint_every: i
         "prune": {"method": "layer", "ratio": 0.3},
         "recovery": {"mode": "lora", "distillation": "logits", "batch_size": 4,
                      "epochs": 3, "max_steps": steps, "learning_rate": 5e-3, "checkpoint_every": checkpoint_every},
-        "data": {"train": {"source": "shapes", "fraction": 0.005}, "eval": {"source": "shapes", "samples": 8}}})
+        # a job meant to be stopped while it runs gets enough data to outlast the test (steps >= 1000: ~300 steps)
+        "data": {"train": {"source": "shapes", "fraction": 0.05 if steps >= 1000 else 0.005},
+                 "eval": {"source": "shapes", "samples": 8}}})
 
 
 def wait_for(predicate, timeout=600, poll=0.1):
@@ -238,3 +240,80 @@ def test_slots_follow_the_gpus_and_can_be_named(monkeypatch):
     monkeypatch.setenv("COMPRESSION_SLOTS", "cuda:0,gpu1")
     with pytest.raises(jobs.JobError, match=r"slot 'gpu1'; expected cuda:N or cpu"):
         jobs.slots()
+
+
+def test_a_recipe_of_two_processes_takes_two_slots_and_splits_its_evaluation(tiny_folder, monkeypatch):
+    """hardware.processes 2: the worker runs the recipe under `accelerate launch` (DDP over gloo on two CPU
+    slots); recovery trains on both, each process answers half the evaluation records, rank 0 gathers them."""
+    from compression import models
+    from compression.measure import evaluate
+
+    monkeypatch.setenv("COMPRESSION_MAX_JOBS", "2")
+    recipe = recipe_for(tiny_folder, steps=4, name="two")
+    recipe.hardware = recipe.hardware.model_copy(update={"processes": 2})
+    with pytest.raises(jobs.JobError, match=r"hardware.processes 3: this machine has 2 job slot\(s\)"):
+        jobs.submit(recipe.model_copy(update={"hardware": recipe.hardware.model_copy(update={"processes": 3})}))
+    job_id = jobs.submit(recipe)
+    done = jobs.wait(job_id, timeout=600)
+    log = jobs.log_tail(job_id, 400)
+    assert done["state"] == "succeeded", log[-3000:]
+    assert done["slot"] == "cpu0,cpu1"
+    assert "2 processes (ddp)" in log and "evaluation split over 2 processes (up to 4 records each)" in log
+    assert "recovery on 2 process(es)" in log and "[rank 1]" in log
+    metrics = json.loads((Path(done["run_dir"]) / "metrics.json").read_text())
+    assert metrics["recovery"]["steps"] == 4 and metrics["eval_samples"] == 8
+    # the gathered answers are each record's own: one process scoring the same records agrees
+    test = pipeline.data_selections(recipe, recipe.recovery.seed)["eval"]
+    original = evaluate.accuracy(models.load(str(tiny_folder)), test.records)
+    assert metrics["original"]["accuracy"] == original.accuracy and metrics["original"]["per_type"] == original.per_type
+    compressed = evaluate.accuracy(models.load(str(Path(done["run_dir"]) / "model")), test.records)
+    assert metrics["compressed"]["accuracy"] == compressed.accuracy
+    assert metrics["compressed"]["per_type"] == compressed.per_type
+
+
+def test_launch_command_follows_the_recipe():
+    from compression.runs import launch
+
+    lora = Recipe.from_dict({"recovery": {"mode": "lora"}, "hardware": {"processes": 4}})
+    full = Recipe.from_dict({"recovery": {"mode": "full"}, "hardware": {"processes": 2}})
+    assert launch.parallelism(lora) == "ddp" and launch.parallelism(full) == "fsdp"
+    command = launch.launch_command(lora, ["compression", "worker", "j1"], gpus=True, mixed_precision="bf16", port=29999)
+    assert command[command.index("--num_processes") + 1] == "4" and "--multi_gpu" in command
+    assert command[command.index("--mixed_precision") + 1] == "bf16" and command[-4:] == ["-m", "compression",
+                                                                                          "worker", "j1"]
+    assert command[command.index("--main_process_port") + 1] == "29999"
+    gpu, cpu = (launch.launch_command(full, ["compression", "worker", "j2"], gpus=g) for g in (True, False))
+    assert gpu[gpu.index("--config_file") + 1].endswith("configs/accelerate_fsdp.yaml")
+    assert cpu[cpu.index("--config_file") + 1].endswith("configs/accelerate_fsdp_cpu.yaml")
+    assert Path(cpu[cpu.index("--config_file") + 1]).is_file()
+    with pytest.raises(ValueError, match="at least 2 processes"):
+        launch.launch_command(Recipe(), ["compression"], gpus=False)
+    with pytest.raises(ValueError, match="processes"):
+        Recipe.from_dict({"hardware": {"processes": 0}})
+
+
+def _processes_of(job_id: str) -> list[int]:
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if job_id.encode() in (proc / "cmdline").read_bytes() and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                out.append(int(proc.name))
+        except OSError:
+            pass
+    return out
+
+
+def test_cancelling_a_launched_job_stops_every_process(tiny_folder, monkeypatch):
+    monkeypatch.setenv("COMPRESSION_MAX_JOBS", "2")
+    recipe = recipe_for(tiny_folder, steps=5000, name="twolong")
+    recipe.hardware = recipe.hardware.model_copy(update={"processes": 2})
+    job_id = jobs.submit(recipe)
+    wait_for(lambda: len(_processes_of(job_id)) >= 4)  # the worker, the launcher, two ranks
+    assert jobs.get(job_id)["slot"] == "cpu0,cpu1"
+    assert jobs.cancel(job_id)["state"] == "cancelled"
+    wait_for(lambda: not _processes_of(job_id), timeout=60)
+    assert jobs.get(job_id)["state"] == "cancelled" and not (jobs.runs_dir() / job_id).exists()
+    # the two slots are free again: a one-process job starts at once
+    short = jobs.submit(recipe_for(tiny_folder, steps=2, name="after"))
+    assert jobs.wait(short, timeout=600)["state"] == "succeeded"

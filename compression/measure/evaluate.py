@@ -84,16 +84,27 @@ def answer_questions(loaded: LoadedModel, images: list[Image.Image], questions: 
 
 def accuracy(loaded: LoadedModel, records: Sequence[Record], metric: scoring.Metric = "auto", batch_size: int = 16,
              max_new_tokens: int = MAX_NEW_TOKENS, generate_fn: Callable | None = None,
-             model: nn.Module | None = None) -> AccuracyResult:
-    """Score ``loaded`` (or ``model``, e.g. a pruned copy sharing its processor) on ``records``."""
+             model: nn.Module | None = None, split: bool = False) -> AccuracyResult:
+    """Score ``loaded`` (or ``model``, e.g. a pruned copy sharing its processor) on ``records``.
+
+    ``split``: under ``accelerate launch`` with N processes, each answers every N-th record (rank ``r``:
+    records ``r, r + N, ...``), the answers are gathered and every process scores all of them (the same result
+    as one process: greedy decoding, the same batches' padding aside). Run directly, the same as without."""
+    from compression.methods import distributed
+
     model = model if model is not None else loaded.model
     chosen = scoring.choose_metric(records, metric)
+    rank, world = distributed.process_group() if split else (0, 1)
+    mine = list(records)[rank::world]
     predictions: list[str] = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
         messages = [scoring.prompt_messages(r, chosen) for r in chunk]
         inputs = record_generation_inputs(loaded.prompt, chunk, messages)
         predictions += generate(model, loaded.prompt, inputs, max_new_tokens, generate_fn)
+    if world > 1:
+        shares = distributed.gather_objects(predictions)
+        predictions = [shares[i % world][i // world] for i in range(len(records))]
     result = scoring.score(records, predictions, chosen)
     return AccuracyResult(result.accuracy, result.per_type, result.n, result.metric, result.details, predictions)
 

@@ -56,6 +56,51 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available()
 
 
+def launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_group(hardware=None) -> tuple[int, int]:
+    """``(rank, world size)`` of the processes ``accelerate launch`` started, joined into one process group
+    (accelerate's ``PartialState``: nccl on GPUs, gloo on the CPU) if recovery has not joined them already;
+    ``(0, 1)`` when run directly. For work split across the processes outside training (evaluation)."""
+    world = launched_world_size()
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        from accelerate import PartialState
+
+        cpu = not has_accelerator_device() or (hardware is not None and hardware.device == "cpu")
+        PartialState(cpu=cpu)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_objects(value, hardware=None) -> list:
+    """Every process's ``value``, in rank order, on every process (``all_gather_object``); ``[value]`` alone."""
+    rank, world = process_group(hardware)
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value, hardware=None):
+    """Rank 0's ``value`` on every process (so that every rank takes the same branch)."""
+    rank, world = process_group(hardware)
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def launched_accelerator(hardware=None):
     """The ``Accelerator`` the launch config asked for; on a CPU-only machine with several processes,
     one that joins them over gloo (and shards with FSDP2 when the config says FSDP).

@@ -21,6 +21,12 @@ each worker with the machine's cores divided between the slots (``OMP_NUM_THREAD
 ``$COMPRESSION_SLOTS`` names them explicitly (``cuda:0,cuda:2`` or ``cpu,cpu``). A worker knows its slot
 from ``COMPRESSION_SLOT``; the job's row records it. It is called on submit, by a worker when it ends, and by every reader
 (``list_jobs``, ``get``), so a UI that polls keeps the queue moving.
+
+A recipe with ``hardware.processes: N`` holds N slots (``cuda:0,cuda:1``; first come, first served: a job
+waiting for several slots is not overtaken by later ones). Its worker runs ``accelerate launch`` with N
+processes (``compression.runs.launch``), each running ``worker JOB`` again as one rank; the worker keeps the
+heartbeat and records the outcome, rank 0 reports progress. Cancel stops the whole process tree (torchrun puts
+each rank in a session of its own); a rank whose worker was killed with -9 exits by itself.
 """
 from __future__ import annotations
 
@@ -110,10 +116,11 @@ def _gpu_count() -> int:
 
 def slot_environment(slot: str, n_slots: int) -> dict[str, str]:
     """What a worker on ``slot`` gets: its one GPU (``CUDA_VISIBLE_DEVICES``), or no GPU and its share of
-    the CPU cores; ``COMPRESSION_SLOT`` names the slot."""
+    the CPU cores; ``COMPRESSION_SLOT`` names the slot. A job of several processes holds several slots
+    (``cuda:0,cuda:1``): all their GPUs, or one slot's share of the cores for each of its processes."""
     env = {"COMPRESSION_SLOT": slot}
     if slot.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = slot.split(":", 1)[1]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(part.split(":", 1)[1] for part in slot.split(","))
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
         if n_slots > 1 or "OMP_NUM_THREADS" not in os.environ:
@@ -207,6 +214,11 @@ def submit(recipe: Recipe | dict | str, name: str | None = None) -> str:
     """Queue a recipe (a Recipe, a dict, YAML text or a .yaml path); returns the job id."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else Recipe.from_yaml(recipe)
+    every = slots()
+    if recipe.hardware.processes > len(every):
+        raise JobError(f"hardware.processes {recipe.hardware.processes}: this machine has {len(every)} job slot(s) "
+                       f"({', '.join(every)}); expected at most {len(every)} (a GPU each, or $COMPRESSION_MAX_JOBS "
+                       "CPU slots)")
     job_id = _new_id(name or recipe.name)
     job_dir(job_id).mkdir(parents=True, exist_ok=True)
     with _db() as conn:
@@ -409,13 +421,23 @@ def schedule() -> list[str]:
                                        "state = 'running' AND pid IS ?", (now, reason, job_id, pid)).rowcount
                 if changed:
                     _append_log(job_id, f"[scheduler] marked failed: {reason}")
-            busy = {r["slot"] for r in conn.execute("SELECT slot FROM jobs WHERE state = 'running'")}
+            held = [r["slot"] for r in conn.execute("SELECT slot FROM jobs WHERE state = 'running'")]
+            busy = {part for slot in held if slot for part in slot.split(",")}
             free = [slot for slot in every if slot not in busy]
             # running jobs from before slots existed (no slot recorded) still take one each
-            free = free[:max(0, len(every) - conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'")
-                             .fetchone()[0])]
-            waiting = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created, id")]
-            for job_id, slot in zip(waiting, free):
+            free = free[:max(0, len(free) - sum(1 for slot in held if not slot))]
+            waiting = [(r["id"], r["recipe"]) for r in
+                       conn.execute("SELECT id, recipe FROM jobs WHERE state = 'queued' ORDER BY created, id")]
+            for job_id, text in waiting:
+                need = _processes(text)
+                if need > len(every):  # the machine changed since it was queued
+                    conn.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
+                                 (now, f"hardware.processes {need}: this machine has {len(every)} job slot(s); "
+                                       f"expected at most {len(every)}", job_id))
+                    continue
+                if need > len(free):
+                    break  # first come, first served: a job waiting for several slots is not overtaken
+                slot, free = ",".join(free[:need]), free[need:]
                 conn.execute("UPDATE jobs SET state = 'running', stage = 'starting', started = ?, heartbeat = ?, "
                              "pid = NULL, attempts = attempts + 1, slot = ? WHERE id = ?", (now, now, slot, job_id))
                 process = _spawn(job_id, slot_environment(slot, len(every)))
@@ -426,6 +448,14 @@ def schedule() -> list[str]:
         if process.poll() is not None and job_id not in started:
             _children.pop(job_id, None)
     return started
+
+
+def _processes(recipe_text: str) -> int:
+    """The processes a queued job's recipe asks for (1 when it cannot be read: the worker will say why)."""
+    try:
+        return Recipe.from_yaml(recipe_text).hardware.processes
+    except ValueError:
+        return 1
 
 
 def _spawn(job_id: str, slot_env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -526,7 +556,13 @@ def _append_log(job_id: str, line: str) -> None:
 # ------------------------------------------------------------------------------------------- worker
 
 def run_worker(job_id: str) -> int:
-    """The body of ``python -m compression worker JOB``: run the job's recipe, record how it went."""
+    """The body of ``python -m compression worker JOB``: run the job's recipe, record how it went.
+
+    A recipe of several processes (``hardware.processes``) is run by this worker under ``accelerate launch``
+    (``compression.runs.launch``): each launched process runs ``worker JOB`` again (``_run_rank``); this one
+    keeps the heartbeat, waits for the launch, and records how it went."""
+    if os.environ.get(LAUNCHER_PID):
+        return _run_rank(job_id)
     from transformers.utils import logging as hf_logging
 
     from compression.runs import pipeline
@@ -550,16 +586,14 @@ def run_worker(job_id: str) -> int:
     work = job_dir(job_id) / "work"
     print(f"[worker {pid}] job {job_id}, attempt {job['attempts']}", flush=True)
     try:
-        recipe = Recipe.from_yaml(job["recipe"])
-        slot = os.environ.get("COMPRESSION_SLOT", "")
-        print(f"[worker {pid}] slot {slot or 'none'}", flush=True)
-        if slot.startswith("cuda:") and recipe.hardware.device.startswith("cuda"):
-            recipe.hardware = recipe.hardware.model_copy(update={"device": "cuda"})  # its one visible GPU
-        elif slot.startswith("cpu"):
-            recipe.hardware = recipe.hardware.model_copy(update={"device": "cpu"})
-        pipeline.run_recipe(recipe, runs_dir() / job_id, progress=reporter, work_dir=work,
-                            log=lambda line: print(line, flush=True), overwrite=True,
-                            extra_logs={"worker.log": log_path(job_id)})
+        recipe = _slot_recipe(job["recipe"])
+        print(f"[worker {pid}] slot {os.environ.get('COMPRESSION_SLOT', '') or 'none'}", flush=True)
+        if recipe.hardware.processes > 1:
+            _launch(job_id, recipe, pid)
+        else:
+            pipeline.run_recipe(recipe, runs_dir() / job_id, progress=reporter, work_dir=work,
+                                log=lambda line: print(line, flush=True), overwrite=True,
+                                extra_logs={"worker.log": log_path(job_id)})
     except JobCancelled:
         print(f"[worker {pid}] cancelled", flush=True)
         _finish(job_id, pid, "cancelled", "cancelled by the user")
@@ -580,6 +614,108 @@ def run_worker(job_id: str) -> int:
 
     shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming an unfinished job
     print(f"[worker {pid}] done: {runs_dir() / job_id}", flush=True)
+    return 0
+
+
+LAUNCHER_PID = "COMPRESSION_LAUNCHER_PID"  # set for the processes a worker launched: the worker's pid
+
+
+def _slot_recipe(text: str) -> Recipe:
+    """The job's recipe computing where its slot is: its visible GPU(s) (``cuda``: under a launch, each
+    process its own) or the CPU."""
+    recipe = Recipe.from_yaml(text)
+    slot = os.environ.get("COMPRESSION_SLOT", "")
+    if slot.startswith("cuda:") and recipe.hardware.device.startswith("cuda"):
+        recipe.hardware = recipe.hardware.model_copy(update={"device": "cuda"})
+    elif slot.startswith("cpu"):
+        recipe.hardware = recipe.hardware.model_copy(update={"device": "cpu"})
+    return recipe
+
+
+def _launch(job_id: str, recipe: Recipe, pid: int) -> None:
+    """Run the job's processes under ``accelerate launch`` and wait for them; raises if the launch failed."""
+    from compression import hardware
+    from compression.runs import launch
+
+    gpus = os.environ.get("COMPRESSION_SLOT", "").startswith("cuda:")
+    chosen = hardware.resolve(recipe.hardware.device, recipe.hardware.dtype)  # one line if it is not there
+    command = launch.launch_command(recipe, ["compression", "worker", job_id], gpus, chosen.mixed_precision)
+    print(f"[worker {pid}] {recipe.hardware.processes} processes ({launch.parallelism(recipe)}): "
+          + " ".join(command[1:]), flush=True)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(os.environ, **{LAUNCHER_PID: str(pid)}),
+                               stdin=subprocess.DEVNULL)
+    try:
+        code = process.wait()
+    except BaseException:  # cancelled (SIGTERM) or interrupted: no rank may outlive its job
+        _stop_tree(process.pid)
+        raise
+    if code != 0:
+        raise RuntimeError(f"accelerate launch exited with code {code}" + _last_error(job_id))
+
+
+def _exit_with(job_id: str, pid: int, every_s: float = 1.0) -> None:
+    """A launched rank's watchdog: exit at once when the worker that launched it is gone (killed with -9: its
+    ranks, in sessions of their own, would otherwise finish a job already marked failed)."""
+    while _alive(pid, job_id):
+        time.sleep(every_s)
+    print(f"[rank] the launching worker {pid} is gone; exiting", flush=True)
+    os._exit(137)
+
+
+def _stop_tree(pid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM ``pid`` and every process below it, SIGKILL what is left after ``grace_s``. torchrun starts each
+    rank in a session of its own, so the job's process group does not reach them; and a rank stopped alone
+    would leave the others waiting in a collective until gloo's timeout."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _run_rank(job_id: str) -> int:
+    """One process of a launched job: the pipeline on this rank; rank 0 reports progress under the launching
+    worker's pid, which alone heartbeats and finishes the job."""
+    from transformers.utils import logging as hf_logging
+
+    from compression.methods.distributed import launched_rank
+    from compression.runs import pipeline
+
+    hf_logging.disable_progress_bar()
+    pid, rank = int(os.environ[LAUNCHER_PID]), launched_rank()
+
+    def on_sigterm(signum, frame):
+        raise JobCancelled()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    with _db() as conn:
+        job = _row(conn, _checked_id(job_id))
+    if job["state"] != "running" or job["pid"] != pid:
+        print(f"[rank {rank}] job {job_id} is {job['state']} (pid {job['pid']}); exiting", flush=True)
+        return 0
+    threading.Thread(target=_exit_with, args=(job_id, pid), daemon=True).start()
+    reporter = _Reporter(job_id, pid) if rank == 0 else None
+    log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: print(f"[rank {rank}] {line}", flush=True))
+    try:
+        pipeline.run_recipe(_slot_recipe(job["recipe"]), runs_dir() / job_id, progress=reporter,
+                            work_dir=job_dir(job_id) / "work", log=log, overwrite=True,
+                            extra_logs={"worker.log": log_path(job_id)})
+    except JobCancelled:
+        return 143
     return 0
 
 

@@ -32,7 +32,7 @@ import torch
 from compression import hardware
 from compression.data.sources import Selection, open_source, select
 from compression.measure import evaluate, memory_plan, peaks as stage_peaks
-from compression.methods import prune, quantize, recover, tokens
+from compression.methods import distributed, prune, quantize, recover, tokens
 from compression.models import LoadedModel, families, load, parameter_counts
 from compression.runs import shared
 from compression.runs.recipe import Recipe
@@ -146,8 +146,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
                                  teacher=original.model, log=say, hardware=chosen,
                                  progress=lambda step, total, loss: stage("recover", step, total, loss))
         student.model = result.model
-        if not _is_main_process():
-            return {}  # under `accelerate launch`, rank 0 alone evaluates and writes the run folder
         say(f"recovery done: {result.steps} steps in {result.seconds:.1f}s"
             + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
         recovery_info.update(steps=result.steps, seconds=round(result.seconds, 2), resumed_from=result.resumed_from,
@@ -175,7 +173,13 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
         generate_fn, inputs_fn = _token_pruning(recipe)
         say(f"visual tokens: keeping {recipe.visual_tokens.keep_ratio:.0%} ({recipe.visual_tokens.scorer}, "
             f"alpha {recipe.visual_tokens.alpha})")
+    world = distributed.launched_world_size()
+    if world > 1:
+        share = -(-len(selections["eval"]) // world)
+        say(f"evaluation split over {world} processes (up to {share} records each)")
     metrics = _measure(original, student, selections["eval"], recipe.data.eval, generate_fn, inputs_fn, plan, say)
+    if not _is_main_process():
+        return {}  # under `accelerate launch`, every rank answered its share; rank 0 alone times and saves
     metrics["data"] = {role: selection.summary() for role, selection in selections.items()}
     metrics["prompt"] = original.prompt.name
     metrics["hardware"] = chosen.to_dict()
@@ -293,12 +297,13 @@ def _measure(original: LoadedModel, student: LoadedModel, test: Selection, spec,
     started, answered = time.time(), 0
     for name, loaded, fn in (("original", original, None), ("compressed", student, generate_fn)):
         if name == "original":  # the same for every run of this model on these records: measured once
-            acc, computed = shared.original_accuracy(loaded, test, spec.metric, spec.max_new_tokens, say)
+            acc, computed = shared.original_accuracy(loaded, test, spec.metric, spec.max_new_tokens, say,
+                                                     split=True)
             report["evaluation"] = {"original_accuracy": "measured in this run" if computed else "cached"}
             answered += len(test) if computed else 0
         else:
             acc = evaluate.accuracy(loaded, test.records, spec.metric, max_new_tokens=spec.max_new_tokens,
-                                    generate_fn=fn)
+                                    generate_fn=fn, split=True)
             answered += len(test)
         counts = parameter_counts(loaded.model, loaded.anatomy)
         report[name] = {"accuracy": acc.accuracy, "per_type": acc.per_type, "metric": acc.metric,
@@ -308,6 +313,8 @@ def _measure(original: LoadedModel, student: LoadedModel, test: Selection, spec,
         say(f"{name}: {acc.metric.replace('_', ' ')} {acc.accuracy:.1%} on {test.describe()}")
     # what a sweep's wall-time estimate reads (compression.runs.sweep.estimate)
     report["evaluation"].update(questions_answered=answered, accuracy_s=round(time.time() - started, 2))
+    if not _is_main_process():
+        return report  # latency is timed by rank 0 alone: processes timed at once would share the machine
     feed = None
     if inputs_fn is not None:  # visual-token pruning applies to the compressed model only
         def feed(model, inputs):

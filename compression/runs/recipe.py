@@ -171,6 +171,11 @@ class HardwareSpec(_Strict):
 
     device: str = "auto"   # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # processes > 1: the job runner takes that many slots (GPUs) and runs the recipe under
+    # `accelerate launch --num_processes N` (compression.runs.launch): recovery data- or fully-sharded
+    # parallel, evaluation split across the processes
+    processes: int = Field(1, ge=1, le=64)
+    parallelism: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP for full finetuning, DDP otherwise
 
     @field_validator("device")
     @classmethod

@@ -75,20 +75,34 @@ def original_accuracy_path(loaded: LoadedModel, selection: Selection, metric: st
 
 
 def original_accuracy(loaded: LoadedModel, selection: Selection, metric: str = "auto", max_new_tokens: int = 16,
-                      say: Say | None = None) -> tuple[evaluate.AccuracyResult, bool]:
+                      say: Say | None = None, split: bool = False) -> tuple[evaluate.AccuracyResult, bool]:
     """The unmodified model's accuracy on ``selection`` and whether this call computed it (else: cached).
 
     Only for a model loaded from a folder and not changed since (its fingerprint names its files);
-    a model built in memory has no fingerprint and is always measured.
+    a model built in memory has no fingerprint and is always measured. ``split``: under ``accelerate launch``
+    every process answers its share (``evaluate.accuracy(split=True)``); rank 0 decides whether the cache has
+    it, so that all ranks measure together or none does, and rank 0 writes it.
     """
+    from compression.methods import distributed
+
     def measure() -> evaluate.AccuracyResult:
-        return evaluate.accuracy(loaded, selection.records, metric, max_new_tokens=max_new_tokens)
+        return evaluate.accuracy(loaded, selection.records, metric, max_new_tokens=max_new_tokens, split=split)
 
     if not loaded.fingerprint:
         return measure(), True
     path = original_accuracy_path(loaded, selection, metric, max_new_tokens)
     computed = False
-    if not path.is_file():
+    if split and distributed.launched_world_size() > 1:
+        if not distributed.broadcast_object(path.is_file()):
+            result = measure()
+            if distributed.launched_rank() == 0:
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(dataclasses.asdict(result)))
+                os.replace(tmp, path)
+            distributed.gather_objects(None)  # every rank waits until rank 0 has written it
+            computed = True
+    elif not path.is_file():
         with computed_once(path.stem):
             if not path.is_file():
                 result = measure()
