@@ -5,7 +5,8 @@
 Config-only estimates (no model runs) for the shipped LLaVA-1.5-7B and -13B configs in bf16, a sample of
 576 visual tokens + 64 text tokens, recovery batch 4: evaluation / Q&A, and recovery of the projector, LoRA
 (r 16) and the whole language model, each with and without hidden-state distillation from the bf16 teacher
-and gradient checkpointing. A run fits when its predicted peak is under 90 % of the GPU. Results:
+(which holds the student's vision tower, not a copy: ``compression.methods.vision_sharing``) and gradient
+checkpointing. A run fits when its predicted peak is under 90 % of the GPU. Results:
 ``benchmarks/results/memory_fits.md`` (and ``.csv``).
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ def main() -> int:
     lines = ["# What fits on one GPU (memory plan, estimated)", "",
              "Command: `.venv/bin/python benchmarks/memory_fits.py`. Config-only estimates from "
              "`compression/measure/memory_plan.py`: bf16, 640 tokens a sample (576 visual), recovery batch 4, "
-             "AdamW with fp32 master weights, gradients and moments for what trains; a run fits under 90 % of the GPU.",
+             "AdamW with fp32 master weights, gradients and moments for what trains; a distilling teacher shares the "
+             "student's vision tower; a run fits under 90 % of the GPU.",
              "", "| model | stage | predicted peak (GiB) | " + " | ".join(f"{g} GB" for g in GPUS) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in GPUS) + " |"]
     lines += [f"| {r['model']} | {r['stage']} | {r['predicted_gib']} | " + " | ".join(r[f"{g}GB"] for g in GPUS) + " |"

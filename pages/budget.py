@@ -2,7 +2,7 @@
 paper's advice for this budget, data size and compute."""
 import streamlit as st
 
-from ui import advice, budget, common, views
+from ui import advice, budget, common, memory_view, views
 
 common.page_header("Budget & what-if", "How much to remove, what layerwise and widthwise pruning would give, "
                    "and what the paper advises. Works with config-only models (no weights needed).")
@@ -100,8 +100,10 @@ st.subheader("What the paper advises")
 advised_ratio = ratio if ratio is not None else achieved.get("layer", max(achieved.values()))
 with common.shown_as_message():
     suggestion = advice.decision_flow(advised_ratio, data_fraction, compute)
+    suggestion = memory_view.fit_advice(suggestion, loaded, plans.get(suggestion.method))
 st.success(f"**{suggestion.summary}.**  \n{suggestion.reason}")
-st.caption("Decision flow of Huang et al., arXiv 2507.20749 (docs/methods.md).")
+st.caption("Decision flow of Huang et al., arXiv 2507.20749 (docs/methods.md); full finetuning checked against the "
+           f"sidebar's device ({common.hardware_label()}) by the memory plan's estimates.")
 if not loaded.has_weights:
     st.caption("A config-only model cannot be compressed (no weights); pick a model with weights to launch a job.")
 elif st.button("Prefill the Compress form with this advice", type="primary"):

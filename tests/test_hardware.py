@@ -112,7 +112,9 @@ def test_a_recipe_in_bf16_on_the_cpu_prunes_recovers_evaluates_and_exports(tmp_p
         metrics["compressed"]["size_bytes"]
     with safe_open(str(tmp_path / "run" / "model" / "model.safetensors"), "pt") as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
-    assert "hardware: cpu, bf16" in (tmp_path / "run" / "logs" / "pipeline.log").read_text()
+    log = (tmp_path / "run" / "logs" / "pipeline.log").read_text()
+    assert "hardware: cpu, bf16" in log
+    assert "vision tower shared by teacher and student (model.vision_tower)" in log  # both in bf16: one tower
 
     out = export.export_run(tmp_path / "run", tmp_path / "export", make_zip=False)  # its fresh-process check passes
     card = json.loads((out / "metrics.json").read_text())

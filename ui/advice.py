@@ -8,12 +8,14 @@ Huang et al., "Investigating Structural Pruning and Recovery Techniques for Comp
 - 15-30 % -> layerwise + SFT with hidden-state L2 distillation ("SFT + L2 KD");
 - beyond 30 % (the paper measures 45 % and 60 %) -> widthwise + SFT + L2 KD, with more data.
 
-``recipe_for`` turns the advice into a raw recipe (validated by :class:`compression.runs.recipe.Recipe`) to prefill the
+``fit_to_device`` checks full finetuning against the device's memory (``compression.measure.memory_plan``) and
+advises LoRA (with gradient checkpointing if need be) when full finetuning does not fit but LoRA does, naming the
+predicted peaks and the device's size. ``recipe_for`` turns the advice into a raw recipe (validated by :class:`compression.runs.recipe.Recipe`) to prefill the
 Compress form. No streamlit here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Compute = Literal["none", "some", "plenty"]
@@ -31,6 +33,7 @@ class Advice:
     distillation: Literal["none", "hidden"]
     data_fraction: float
     reason: str
+    gradient_checkpointing: bool = False
 
     @property
     def summary(self) -> str:
@@ -40,7 +43,9 @@ class Advice:
         training = {"projector": "projector-only finetuning", "lora": "LoRA on the language model + projector",
                     "full": "full language-model finetuning"}[self.recovery_mode]
         kd = " with hidden-state L2 distillation (SFT + L2 KD)" if self.distillation == "hidden" else ""
-        return f"{paradigm} pruning, then {training}{kd} on {self.data_fraction:.0%} of the training data"
+        checkpointing = ", gradient checkpointing on" if self.gradient_checkpointing else ""
+        return (f"{paradigm} pruning, then {training}{kd} on {self.data_fraction:.0%} of the training data"
+                f"{checkpointing}")
 
 
 def decision_flow(ratio: float, data_fraction: float = 0.05, compute: Compute = "some") -> Advice:
@@ -73,6 +78,45 @@ def decision_flow(ratio: float, data_fraction: float = 0.05, compute: Compute = 
                   "(paper: 84.0 % kept at 45 % and 78.1 % at 60 % widthwise on LLaVA-1.5-7B).")
 
 
+def fit_to_device(advice: Advice, source, device_bytes: int | None, dtype: str, plan=None, batch_size: int = 16,
+                  device_label: str = "the device") -> Advice:
+    """``advice`` checked against a device of ``device_bytes`` (None: unknown, unchanged): when it says full
+    finetuning and full finetuning's predicted recovery peak does not fit (even with gradient checkpointing), LoRA
+    (with gradient checkpointing when only that fits); the reason then names the predicted peaks and the device.
+
+    ``source`` is the model (a ``LoadedModel``, config-only is enough), ``plan`` the pruning plan the advice implies
+    (the student's shapes), ``dtype`` the precision it trains in, ``batch_size`` the recipe's (default 16).
+    Estimates from ``compression.measure.memory_plan.recovery_choice``."""
+    from compression.measure.memory_plan import HEADROOM, recovery_choice
+
+    if advice.recovery_mode != "full" or device_bytes is None:
+        return advice
+    fit = recovery_choice(source, device_bytes, dtype, advice.distillation, batch_size, plan)
+    gib = {(o["mode"], o["gradient_checkpointing"]): f"{o['peak_bytes'] / 2**30:.1f} GiB" for o in fit["options"]}
+    where = (f"{device_label} ({device_bytes / 2**30:.1f} GiB, {HEADROOM:.0%} of it usable: "
+             f"{fit['budget_bytes'] / 2**30:.1f} GiB)")
+    basis = f"(estimated: {dtype}, batch {batch_size} of {fit['sequence_tokens']} tokens)"
+    choice = fit["choice"]
+    if choice is None:
+        return replace(advice, reason=f"{advice.reason} Memory: full finetuning is predicted to peak at "
+                                      f"{gib['full', False]} and even LoRA with gradient checkpointing at "
+                                      f"{gib['lora', True]}, more than {where} {basis}: use several GPUs (FSDP) "
+                                      "or a larger device.")
+    if choice["mode"] == "full":
+        if not choice["gradient_checkpointing"]:
+            return advice
+        return replace(advice, gradient_checkpointing=True,
+                       reason=f"{advice.reason} Memory: full finetuning is predicted to peak at {gib['full', False]}, "
+                              f"more than {where}; with gradient checkpointing at {gib['full', True]}, which fits "
+                              f"{basis}.")
+    lora = ("lora", choice["gradient_checkpointing"])
+    how = "LoRA with gradient checkpointing" if choice["gradient_checkpointing"] else "LoRA"
+    return replace(advice, recovery_mode="lora", gradient_checkpointing=choice["gradient_checkpointing"],
+                   reason=f"{advice.reason} Memory: full finetuning is predicted to peak at {gib['full', False]} "
+                          f"({gib['full', True]} with gradient checkpointing), more than {where}; {how} at "
+                          f"{gib[lora]} fits {basis}.")
+
+
 def recipe_for(source: str, ratio: float, advice: Advice, data: dict | None = None, eval_samples: int = 200) -> dict:
     """The raw recipe (a dict for :class:`compression.runs.recipe.Recipe`) that follows the advice.
 
@@ -88,8 +132,11 @@ def recipe_for(source: str, ratio: float, advice: Advice, data: dict | None = No
         data["eval"] = {"source": "shapes", "samples": eval_samples}
     if source == "reference" and advice.recovery_mode != "none" and "train" not in data:
         data["train"] = {"source": "shapes", "fraction": advice.data_fraction}
-    return {"model": source, "prune": {"method": advice.method, "ratio": round(ratio, 4)},
-            "recovery": {"mode": advice.recovery_mode, "distillation": advice.distillation}, "data": data}
+    recovery = {"mode": advice.recovery_mode, "distillation": advice.distillation}
+    if advice.gradient_checkpointing:
+        recovery["gradient_checkpointing"] = True
+    return {"model": source, "prune": {"method": advice.method, "ratio": round(ratio, 4)}, "recovery": recovery,
+            "data": data}
 
 
 # ------------------------------------------------------------------------------------------- budget answer

@@ -16,6 +16,18 @@ def plan(loaded, recipe) -> dict:
     return plan_for_recipe(loaded, recipe, total, chosen.dtype_name)
 
 
+def fit_advice(suggestion, loaded, plan=None):
+    """The paper's advice checked against the sidebar's device (``ui.advice.fit_to_device``): LoRA instead of
+    full finetuning when only LoRA is predicted to fit."""
+    from compression.hardware import device_memory, resolve
+    from ui import common
+    from ui.advice import fit_to_device
+
+    chosen = resolve(*common.current_hardware())
+    total, _ = device_memory(chosen)
+    return fit_to_device(suggestion, loaded, total, chosen.dtype_name, plan=plan, device_label=chosen.label)
+
+
 def plan_table(plan: dict, device_label: str) -> None:
     """Each stage's predicted peak by part (GiB), whether it fits the device, and what would make it fit."""
     import pandas as pd

@@ -7,7 +7,9 @@ precision, 2 for bf16 / fp16 and 4 for fp32):
 - **recover**: the student's weights; its trainable parameters again as fp32 master weights (when the
   precision is half: ``compression.methods.recover`` trains them in fp32 under autocast), their fp32
   gradients and AdamW's two fp32 moments (16 bytes per trainable parameter in all); the teacher's weights
-  when it distils; and the activations kept for the backward pass. Gradients flow through the whole
+  when it distils, less its frozen vision tower, which it shares with the student
+  (``compression.methods.vision_sharing``: one copy, the family's ``frozen_vision``); and the activations kept
+  for the backward pass. Gradients flow through the whole
   language model to the projector even when only the projector trains, so every recovery mode keeps the
   decoder's activations. Per decoder layer and token, in 16-bit, with PyTorch's SDPA attention (no score
   matrix kept): ``18 h + 6 m`` bytes (the layer's inputs to norms, q/k/v/o and the gated MLP's three
@@ -28,6 +30,11 @@ from typing import Any
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 HEADROOM = 0.9  # a peak above 90 % of the device does not count as fitting (allocator, fragmentation, CUDA context)
+GIB = 2**30
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Shapes:
     params_total: int
     params_language: int
     params_projector: int
+    params_vision: int  # the frozen vision tower (the family's frozen_vision): what a distilling teacher shares
     layers: int
     hidden: int
     intermediate: int
@@ -65,7 +73,7 @@ class Shapes:
         mlp_mats = 3 if anatomy.gate_proj else 2
         lora = sum((h + q * hd) + 2 * (h + k * hd) + (q * hd + h) + mlp_mats * (h + m)
                    for q, k, m in zip(heads, kv, inter))
-        return cls(counts["total"] - removed, counts["language"] - removed, counts["projector"], layers, h,
+        return cls(counts["total"] - removed, counts["language"] - removed, counts["projector"], counts["vision"], layers, h,
                    round(sum(inter) / max(len(inter), 1)), anatomy.vocab_size, anatomy.visual_tokens, lora)
 
 
@@ -81,8 +89,9 @@ def _trainable(shapes: Shapes, mode: str, lora_r: int) -> int:
 
 def recovery_peak(shapes: Shapes, teacher: Shapes | None, mode: str, distillation: str, dtype: str,
                   batch_size: int, sequence_tokens: int, gradient_checkpointing: bool = False,
-                  lora_r: int = 16) -> dict[str, int]:
-    """Predicted bytes of one recovery step at its peak, by part (see the module docstring)."""
+                  lora_r: int = 16, shared_vision: bool = True) -> dict[str, int]:
+    """Predicted bytes of one recovery step at its peak, by part (see the module docstring). ``shared_vision``:
+    the teacher holds the student's vision tower (what recovery does, except under FSDP)."""
     w = BYTES[dtype]
     trainable = _trainable(shapes, mode, lora_r)
     half = w == 2
@@ -101,7 +110,8 @@ def recovery_peak(shapes: Shapes, teacher: Shapes | None, mode: str, distillatio
     parts = {"weights": weights, "gradients": trainable * 4, "optimizer": trainable * 8,
              "activations": activations, "logits": logits, "teacher": 0}
     if distillation != "none" and teacher is not None:
-        parts["teacher"] = teacher.params_total * w + tokens * shapes.vocab * w
+        own = teacher.params_total - (teacher.params_vision if shared_vision else 0)
+        parts["teacher"] = own * w + tokens * shapes.vocab * w
         if "hidden" in distillation:
             parts["teacher"] += tokens * (teacher.layers + 1) * teacher.hidden * w
     parts["total"] = sum(parts.values())
@@ -160,8 +170,30 @@ def plan_for_recipe(source, recipe, device_bytes: int | None, dtype: str, plan=N
         total = recovery_peak(student, teacher, args["mode"], args["distillation"], args["dtype"], args["batch_size"],
                               seq, args["gradient_checkpointing"], args["lora_r"])["total"]
         if total <= budget:
-            out["suggestion"] = f"{label} (predicted peak {total / 2**30:.1f} GiB)"
+            out["suggestion"] = (f"{label} (predicted peak {_gib(total)} instead of {_gib(peak)}; the device has "
+                                 f"{_gib(device_bytes)}, {HEADROOM:.0%} of it usable: {_gib(budget)})")
             break
     else:
         out["suggestion"] = "no single recovery option fits: use several GPUs (FSDP, see the README) or a larger device"
     return out
+
+
+def recovery_choice(source, device_bytes: int, dtype: str, distillation: str = "none", batch_size: int = 16,
+                    plan=None, sequence_tokens: int | None = None, lora_r: int = 16) -> dict[str, Any]:
+    """Full finetuning or LoRA on a device of ``device_bytes``: the predicted recovery peak of each, without and
+    with gradient checkpointing, and the first that fits (under ``HEADROOM`` of the device) in the order full,
+    full + checkpointing, LoRA, LoRA + checkpointing: ``choice`` ``{"mode", "gradient_checkpointing",
+    "peak_bytes", "fits"}``, or None when none fits. ``plan`` (a pruning plan) gives the student's shapes."""
+    teacher = Shapes.of(source)
+    student = Shapes.of(source, plan) if plan is not None else teacher
+    seq = sequence_tokens or teacher.visual_tokens + 64
+    budget = HEADROOM * device_bytes
+    options = []
+    for mode in ("full", "lora"):
+        for checkpointing in (False, True):
+            total = recovery_peak(student, teacher, mode, distillation, dtype, batch_size, seq, checkpointing,
+                                  lora_r)["total"]
+            options.append({"mode": mode, "gradient_checkpointing": checkpointing, "peak_bytes": total,
+                            "fits": total <= budget})
+    return {"device_bytes": device_bytes, "budget_bytes": int(budget), "dtype": dtype, "sequence_tokens": seq,
+            "batch_size": batch_size, "options": options, "choice": next((o for o in options if o["fits"]), None)}

@@ -14,6 +14,12 @@ MLLMs" (arXiv 2507.20749; code ``YiranHuangIrene/VLMCompression``):
   chosen teacher -> student layer pairs (for layer-pruned students the pairs are explicit);
   ``loss = (1 - alpha) * CE + alpha * KD``.
 
+Distillation memory: the teacher runs first, under ``torch.inference_mode`` (no autograd state), in the chosen
+half precision when the hardware's is bf16 / fp16, so its transient activations are gone before the student's,
+kept for the backward pass, are made; and it uses the student's frozen vision tower
+(``compression.methods.vision_sharing``): one copy of those weights, one forward of the tower per batch, whose
+output the student reuses.
+
 Written on HF Accelerate, so one loop runs on CPU, on one GPU, or under ``accelerate launch``
 across GPUs and nodes (DDP; FSDP2 with ``configs/accelerate_fsdp.yaml`` for ``mode="full"``) and
 across CPU processes over gloo (DDP, or FSDP2 with ``configs/accelerate_fsdp_cpu.yaml``): the launch
@@ -41,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.data.records import Record
-from compression.methods import distributed
+from compression.methods import distributed, vision_sharing
 from compression.models import Anatomy
 from compression.models.prompting import PromptFormat, supervised_tokens, training_inputs
 
@@ -70,6 +76,7 @@ class RecoveryConfig:
     checkpoint_dir: Path | None = None  # None: no checkpoints, no resume
     max_steps: int | None = None
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30 % slower
+    share_vision: bool = True  # distilling: the teacher uses the student's frozen vision tower (vision_sharing)
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "projector", "lora", "full"):
@@ -250,18 +257,25 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
     given. Every process returns the full trained model.
 
     Precision: a student loaded in bf16 / fp16 trains its trainable parameters in fp32 (master weights, and
-    so fp32 AdamW state) under Accelerate's ``mixed_precision`` autocast; the frozen rest and the teacher stay
-    in the loaded precision. The trained model comes back in the precision it was loaded in.
+    so fp32 AdamW state) under Accelerate's ``mixed_precision`` autocast; the frozen rest stays in the loaded
+    precision. The teacher runs under ``inference_mode`` in the half precision of ``mixed_precision`` (an fp32
+    teacher is cast in place). The trained model comes back in the precision it was loaded in.
+
+    Distilling with ``config.share_vision`` (not under FSDP), the teacher is given the student's frozen vision
+    modules (``vision_sharing.share_frozen_vision``) and keeps them after training: both models then hold the
+    same, unchanged tower.
     """
     log = log or (lambda msg: None)
     if config.mode == "none":
         return RecoveryResult(finish_model(student), 0, 0, 0.0)
     if config.distillation != "none" and teacher is None:
         raise ValueError(f"distillation {config.distillation!r} needs the teacher (the original model)")
+    if "hidden" in config.distillation and not config.hidden_layers:
+        raise ValueError("hidden-state distillation needs a layer mapping (recover.layer_mapping)")
     accelerator = (distributed.enable_cpu_fsdp(accelerator) if accelerator is not None
                    else distributed.launched_accelerator(hardware))
     distributed.check_accelerator(accelerator)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if config.batch_size < world:
         raise ValueError(f"batch_size {config.batch_size} is smaller than the {world} processes; "
                          f"expected at least one sample per process")
@@ -295,33 +309,76 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
     # schedule step per optimizer step. The default steps it once per process, so under N processes
     # the learning rate ran through warm-up and cosine N times too fast.
     scheduler.split_batches = True
+    shared = None
     if teacher is not None and config.distillation != "none":
-        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-    use_logits = config.distillation in ("logits", "hidden+logits")
-    use_hidden = config.distillation in ("hidden", "hidden+logits")
-    mapping = config.hidden_layers or {}
-    if use_hidden and not mapping:
-        raise ValueError("hidden-state distillation needs a layer mapping (recover.layer_mapping)")
-
+        teacher = _frozen_teacher(teacher, accelerator, log)
+        if config.share_vision and not fsdp:
+            shared = vision_sharing.share_frozen_vision(teacher, student, anatomy)
+            log(shared if isinstance(shared, str) else shared.describe())
+            shared = None if isinstance(shared, str) else shared
+        elif config.share_vision:
+            log("vision tower not shared: FSDP shards the student's modules in place")
     start = read_checkpoint_step(config.checkpoint_dir)
     if start:
         accelerator.load_state(str(config.checkpoint_dir))
         log(f"resumed from the checkpoint at step {start}/{total}")
 
+    started = time.time()
+    try:
+        losses, supervised = _train(model, teacher, optimizer, scheduler, accelerator, prompt, samples, schedule, config,
+                                    start, progress, shared)
+    finally:
+        if shared is not None:
+            shared.remove()
+    seconds = time.time() - started
+    accelerator.wait_for_everyone()
+    if fsdp:
+        model = distributed.gather_full_model(accelerator, model, template)
+    else:
+        model = accelerator.unwrap_model(model)
+    supervised = int(accelerator.reduce(torch.tensor(supervised, device=accelerator.device), reduction="sum").item())
+    model = finish_model(model)
+    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    return RecoveryResult(model.to(loaded_dtype), total, start, seconds, losses, supervised)
+
+
+def _frozen_teacher(teacher: nn.Module, accelerator, log: Callable[[str], None]) -> nn.Module:
+    """The teacher on the training device, frozen, in eval mode, and in the half precision the run computes in
+    (``accelerator.mixed_precision`` bf16 / fp16): an fp32 teacher is cast in place, which halves its bytes."""
+    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    current = next(teacher.parameters()).dtype
+    if half is not None and current == torch.float32:
+        log(f"teacher cast from fp32 to {half} (the run's mixed precision)")
+        teacher = teacher.to(half)
+    return teacher
+
+
+def _train(model, teacher, optimizer, scheduler, accelerator, prompt, samples, schedule, config, start, progress,
+           shared) -> tuple[list[float], int]:
+    """The optimizer steps ``start..`` of ``schedule``; returns the per-step losses and this process's answer tokens."""
+    world, rank, total = accelerator.num_processes, accelerator.process_index, len(schedule)
+    use_logits = config.distillation in ("logits", "hidden+logits")
+    use_hidden = config.distillation in ("hidden", "hidden+logits")
+    mapping = config.hidden_layers or {}
     losses: list[float] = []
     supervised = 0  # answer tokens this process trained on (this call)
-    started = time.time()
     for step in range(start, total):
         batch = encode_for_training(prompt, [samples[i] for i in schedule[step][rank::world]])
         supervised += supervised_tokens(batch)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
+        t_out = None
+        if use_logits or use_hidden:
+            # the teacher first: its activations are freed before the student's (kept for the backward) exist,
+            # and with a shared tower it computes the image features the student then reuses
+            with torch.inference_mode():
+                t_out = teacher(**batch, output_hidden_states=use_hidden, use_cache=False)
         out = model(**batch, output_hidden_states=use_hidden, use_cache=False)
         ce = answer_cross_entropy(out.logits, labels)
         loss = ce
-        if use_logits or use_hidden:
-            with torch.no_grad():
-                t_out = teacher(**batch, output_hidden_states=use_hidden, use_cache=False)
+        if t_out is not None:
             kd = torch.zeros((), device=ce.device)
             if use_logits:
                 kd = kd + logits_kd_loss(out.logits[:, :-1], t_out.logits[:, :-1], answer_positions(labels),
@@ -330,6 +387,7 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
                 kd = kd + hidden_kd_loss(out.hidden_states, t_out.hidden_states, mapping,
                                          batch["attention_mask"].bool())
             loss = (1 - config.alpha) * ce + config.alpha * kd
+        del t_out
         optimizer.zero_grad()
         accelerator.backward(loss)
         if config.max_grad_norm:
@@ -345,17 +403,9 @@ def recover(student: nn.Module, anatomy: Anatomy, prompt: PromptFormat, samples:
             progress(done, total, mean_loss)
         if config.checkpoint_dir is not None and done % config.checkpoint_every == 0 and done < total:
             save_checkpoint(accelerator, config.checkpoint_dir, done)
-    seconds = time.time() - started
-    accelerator.wait_for_everyone()
-    if fsdp:
-        model = distributed.gather_full_model(accelerator, model, template)
-    else:
-        model = accelerator.unwrap_model(model)
-    supervised = int(accelerator.reduce(torch.tensor(supervised, device=accelerator.device), reduction="sum").item())
-    model = finish_model(model)
-    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
-    return RecoveryResult(model.to(loaded_dtype), total, start, seconds, losses, supervised)
+        if shared is not None:
+            shared.clear()
+    return losses, supervised
 
 
 def save_checkpoint(accelerator, checkpoint_dir: Path, step: int) -> None:

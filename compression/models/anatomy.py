@@ -26,6 +26,9 @@ class Anatomy:
     non-uniformly pruned model. ``projectors`` are every module (or parameter) between the vision tower
     and the language model: what "projector" recovery trains (LLaVA's MLP, Qwen's merger and its
     DeepStack mergers, Idefics3's connector, LLaVA-NeXT's ``image_newline``); ``projector`` is the first.
+    ``frozen_vision`` are the modules of the vision tower that no recovery mode trains and pruning never touches
+    (the whole tower, or for Qwen the tower before its merger): teacher and student share them during distillation
+    (``compression.methods.vision_sharing``); their parameters are the ``vision`` count of ``parameter_counts``.
     ``visual_tokens`` is exact for fixed-count families and the count for one ``image_size`` image (one
     tile) otherwise (``visual_tokens_fixed`` False; ``visual_tokens_note`` says how the count varies).
     """
@@ -62,6 +65,7 @@ class Anatomy:
     model_type: str = "llava"
     norm: str = "model.language_model.norm"
     projectors: tuple[str, ...] = ()
+    frozen_vision: tuple[str, ...] = ()
     head_norms: tuple[str, ...] = ()  # per-head q/k norms inside the attention module (Qwen3, Gemma 3)
     fused: tuple[str, ...] = ()  # fused projections (Phi-3 qkv_proj / gate_up_proj): width pruning refuses them
     heads_prunable: bool = True  # False: the attention derives head_dim from the head count (Qwen2-VL text)
@@ -76,6 +80,8 @@ class Anatomy:
     def __post_init__(self) -> None:
         if not self.projectors:
             self.projectors = (self.projector,)
+        if not self.frozen_vision:
+            self.frozen_vision = (self.vision_tower,)
 
     @property
     def num_attention_heads(self) -> int:
@@ -129,6 +135,7 @@ class Anatomy:
         d.update(num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
                  gqa_group_size=self.gqa_group_size, intermediate_size=self.intermediate_size, uniform=self.uniform)
         d["projectors"] = list(self.projectors)
+        d["frozen_vision"] = list(self.frozen_vision)
         d["head_norms"] = list(self.head_norms)
         d["fused"] = list(self.fused)
         d["forward_kwargs"] = list(self.forward_kwargs)

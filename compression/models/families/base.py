@@ -69,6 +69,9 @@ class Family:
     language_model: str = "model.language_model"
     vision_tower: str = "model.vision_tower"
     projectors: tuple[str, ...] = ("model.multi_modal_projector",)
+    # the frozen part of the vision tower, identical in teacher and student (shared while distilling); empty: the
+    # whole tower. A listed ModuleList (Qwen's blocks) is shared as a whole and its layers' outputs cached one by one.
+    frozen_vision: tuple[str, ...] = ()
     lm_head: str = "lm_head"
     image_token_field: str = "image_token_index"
     forward_kwargs: tuple[str, ...] = ()
@@ -143,6 +146,7 @@ def build_anatomy(family: Family, config, stack: TextStack) -> Anatomy:
         visual_tokens=geo.tokens, image_size=geo.image_size, patch_size=geo.patch_size,
         vocab_size=text.vocab_size, image_token_index=family.image_token_id(config),
         family=family.name, model_type=family.model_type, norm=f"{lm}.norm", projectors=family.projectors,
+        frozen_vision=family.frozen_vision or (family.vision_tower,),
         head_norms=stack.head_norms, fused=stack.fused, heads_prunable=stack.heads_prunable, visual_tokens_fixed=geo.fixed, visual_tokens_note=geo.note,
         vision_layers=geo.vision_layers, vision_hidden_size=geo.vision_hidden_size, vision_patches=geo.patches,
         forward_kwargs=family.forward_kwargs, skip_quantization=skip)

@@ -26,6 +26,10 @@ def geometry(config) -> Geometry:
                     f"for a {NOMINAL_IMAGE}x{NOMINAL_IMAGE} image: (H/{patch})*(W/{patch})/{merge * merge} per image")
 
 
+# The merger trains with the projector, so teacher and student share only the tower before it (the patch embedding
+# and the blocks; the rotary embedding has no weights). Qwen3-VL adds a learned position embedding.
+_BEFORE_MERGER = ("model.visual.patch_embed", "model.visual.blocks")
+
 _COMMON = dict(vision_tower="model.visual", image_token_field="image_token_id", geometry=geometry,
                forward_kwargs=("image_grid_thw", "mm_token_type_ids"), positions="mrope", video_processor=True,
                image_processor_class="Qwen2VLImageProcessorPil")
@@ -33,14 +37,16 @@ _COMMON = dict(vision_tower="model.visual", image_token_field="image_token_id", 
 QWEN2_VL = Family(
     name="Qwen2-VL", model_type="qwen2_vl", model_class="Qwen2VLForConditionalGeneration", config_class="Qwen2VLConfig",
     processor_class="Qwen2VLProcessor", text_types=("qwen2_vl_text",), vision_types=("qwen2_vl_vision",),
-    projectors=("model.visual.merger",), **_COMMON)
+    projectors=("model.visual.merger",), frozen_vision=_BEFORE_MERGER, **_COMMON)
 
 QWEN2_5_VL = Family(
     name="Qwen2.5-VL", model_type="qwen2_5_vl", model_class="Qwen2_5_VLForConditionalGeneration",
     config_class="Qwen2_5_VLConfig", processor_class="Qwen2_5_VLProcessor", text_types=("qwen2_5_vl_text",),
-    vision_types=("qwen2_5_vl_vision",), projectors=("model.visual.merger",), **_COMMON)
+    vision_types=("qwen2_5_vl_vision",), projectors=("model.visual.merger",), frozen_vision=_BEFORE_MERGER,
+    **_COMMON)
 
 QWEN3_VL = Family(
     name="Qwen3-VL", model_type="qwen3_vl", model_class="Qwen3VLForConditionalGeneration", config_class="Qwen3VLConfig",
     processor_class="Qwen3VLProcessor", text_types=("qwen3_vl_text",), vision_types=("qwen3_vl_vision",),
-    projectors=("model.visual.merger", "model.visual.deepstack_merger_list"), deepstack=True, **_COMMON)
+    projectors=("model.visual.merger", "model.visual.deepstack_merger_list"), deepstack=True,
+    frozen_vision=("model.visual.patch_embed", "model.visual.pos_embed", "model.visual.blocks"), **_COMMON)
