@@ -319,6 +319,35 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
     add("weights_on_disk", folder_bytes(folder), "B")
     try:
         base = {"model": str(folder), "dtype": dtype, "samples": args.calibration}
+        if args.latency_only:
+            bi_frame, scores = None, None  # plans from magnitude scores below: the same widths, other units
+        else:
+            bi_frame, scores = _importance_children(n_layers, dtype, args, base, add, facts, workdir, need)
+
+        _log("load in this process; plans and surgery")
+        loaded = models.load(str(folder), dtype=DTYPES[dtype])
+        touch_weights(loaded.model)
+        model, anatomy, processor = loaded.model, loaded.anatomy, loaded.processor
+        if scores is None:
+            scores = importance.unit_importances(loaded, None, ("heads", "neurons"), "magnitude")
+        plans = {"layer": prune.make_plan(loaded, "layer", ratio=args.ratio, scores=bi_frame),
+                 "width": prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers))}
+        rounded = prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers),
+                                  neuron_multiple=128)
+        if rounded.widths_after != plans["width"].widths_after:
+            plans["width-128"] = rounded
+        return _measure_loaded(n_layers, dtype, args, add, facts, workdir, folder, base, loaded, model, anatomy,
+                               processor, plans)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        facts["machine_after"] = machine_state()
+
+
+def _importance_children(n_layers, dtype, args, base, add, facts, workdir, need):
+    """Block influence, lean and old Taylor, each in a fresh process: ``(bi frame, lean Taylor frames)``."""
+    import pandas as pd
+
+    if True:
         _log("load + block influence (fresh process)")
         lb = run_child("load_bi", base)
         if "error" in lb:
@@ -365,18 +394,18 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
                 a = torch.tensor(taylor["lean"][kind]["score"].values)
                 b = torch.tensor(taylor["old"][kind]["score"].values)
                 add("taylor_max_rel_diff", float(((a - b).abs() / b.abs().clamp_min(1e-30)).max()), "", kind)
-        scores = taylor["lean"]
+        return bi_frame, taylor["lean"]
 
-        _log("load in this process; plans and surgery")
-        loaded = models.load(str(folder), dtype=DTYPES[dtype])
-        touch_weights(loaded.model)
-        model, anatomy, processor = loaded.model, loaded.anatomy, loaded.processor
-        plans = {"layer": prune.make_plan(loaded, "layer", ratio=args.ratio, scores=bi_frame),
-                 "width": prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers))}
-        rounded = prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers),
-                                  neuron_multiple=128)
-        if rounded.widths_after != plans["width"].widths_after:
-            plans["width-128"] = rounded
+
+def _measure_loaded(n_layers, dtype, args, add, facts, workdir, folder, base, loaded, model, anatomy, processor,
+                    plans):
+    """Surgery, latencies, then (unless ``--latency-only``) save / reload and quantization."""
+    from compression import models
+    from compression.data.sources import open_source, select
+    from compression.measure import evaluate
+    from compression.methods import prune, quantize, tokens
+
+    if True:
         pruned = {}
         for name, plan in plans.items():
             copy_ = shared_copy(model)
@@ -469,6 +498,8 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
 
         facts["what_if_prefill_ms"] = ideal_before["prefill_ms"]
         facts["what_if_bytes"] = ideal_before["bytes"]
+        if args.latency_only:
+            return facts
         linear = sum(lin.weight.numel() for _, _, lin in quantize.decoder_linears(model, anatomy).values())
         rest = models.tensor_bytes(model) - linear * model.dtype.itemsize
         facts["quantized_estimate"] = {"int8": rest + linear + 4 * linear // 4096,  # + one fp32 scale per row
@@ -506,9 +537,6 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
             add("quantized_bytes", q["bytes"], "B", fmt, ideal=facts["quantized_estimate"][fmt],
                 note=f"saved safetensors; ideal = decoder linears at {fmt} + the rest at {dtype}; the what-if "
                      f"figure (rest in bf16) is {facts['what_if_bytes'][fmt] / 1e9:.2f} GB")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    facts["machine_after"] = machine_state()
     return facts
 
 
@@ -775,6 +803,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--summarize-only", action="store_true",
                         help="rewrite scale<tag>.md from scale<tag>.csv and scale<tag>.json, measuring nothing")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="surgery, prefill and decode only (plans from magnitude scores: the same widths); for "
+                             "re-timing on a quieter machine, merged with --combine")
+    parser.add_argument("--combine", default=None,
+                        help="comma-separated tags (use - for none) to merge into scale.csv / scale.md, later ones "
+                             "replacing earlier rows of the same N, dtype, item and variant; measures nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--payload", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -798,6 +832,8 @@ def main() -> None:
         args.repeats, args.warmup, args.decode_tokens = 2, 0, 2
     command = "HF_HUB_OFFLINE=1 .venv/bin/python -u benchmarks/bench_scale.py " + " ".join(sys.argv[1:])
     csv_path, facts_path = RESULTS / f"scale{args.tag}.csv", RESULTS / f"scale{args.tag}.json"
+    if args.combine:
+        return combine([("" if t == "-" else t) for t in args.combine.split(",")])
     if args.summarize_only:
         rows, facts = read_results(csv_path, facts_path)
         write_summary(summarize(rows, facts, facts["args"], facts["command"], facts["wall_s"]), args.tag)
@@ -833,6 +869,32 @@ def main() -> None:
                                          prompt_tokens=facts.get("prompt_tokens") or 13)
     write_json(facts, facts_path)
     write_summary(summarize(rows, facts, vars(args), command, facts["wall_s"]), args.tag)
+
+
+def combine(tags: list[str]) -> None:
+    """scale.csv / scale.json / scale.md from several runs: rows of later tags replace earlier ones with the same
+    (N, dtype, item, variant); facts per model are merged the same way; every command is listed."""
+    merged: dict[tuple, dict] = {}
+    facts: dict = {"per_model": {}}
+    commands, wall = [], 0.0
+    for tag in tags:
+        rows, f = read_results(RESULTS / f"scale{tag}.csv", RESULTS / f"scale{tag}.json")
+        for r in rows.rows:
+            merged[(r["layers"], r["dtype"], r["item"], r["variant"])] = r
+        for key, value in f.get("per_model", {}).items():
+            facts["per_model"].setdefault(key, {}).update(value)
+        for key, value in f.items():
+            if key != "per_model" and value is not None:
+                facts[key] = value
+        ns = sorted({r["layers"] for r in rows.rows})
+        commands.append(f"{f['command']} [N = {', '.join(map(str, ns))}, {f.get('wall_s', 0) / 60:.0f} min]")
+        wall += f.get("wall_s", 0)
+    out = Rows()
+    out.rows = sorted(merged.values(), key=lambda r: (r["dtype"], r["layers"]))
+    write_csv(out, RESULTS / "scale.csv")
+    facts["command"] = "; then ".join(commands)
+    write_json(facts, RESULTS / "scale.json")
+    write_summary(summarize(out, facts, facts["args"], facts["command"], wall), "")
 
 
 def write_summary(text: str, tag: str) -> None:
