@@ -159,7 +159,12 @@ def predictions(folder: Path, samples: int, runtime: int) -> dict:
     return {"analyze": max(phases, key=lambda p: p.peak), "phases": phases, "prune layer": layer,
             "prune width": width, "tokens": tokens, "sizes": sizes,
             "taylor sequential": max(taylor_phases, key=lambda p: p.peak), "taylor_phases": taylor_phases,
-            "taylor whole": memory.whole_taylor_plan(sizes, torch.float32, samples, tokens, runtime)}
+            # the whole model's stage peaks at the larger of its load (bf16 on disk cast to fp32) and its Taylor pass
+            "taylor whole": max(memory.whole_load_plan(sizes, torch.float32, torch.bfloat16, runtime),
+                                memory.whole_taylor_plan(sizes, torch.float32, samples, tokens, runtime),
+                                key=lambda p: p.peak),
+            "taylor_whole_phases": [memory.whole_load_plan(sizes, torch.float32, torch.bfloat16, runtime),
+                                    memory.whole_taylor_plan(sizes, torch.float32, samples, tokens, runtime)]}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -318,7 +323,7 @@ def _write(args, command: str, weights: int, runtime: dict, rows: list, reloads:
                      + (f"{r['predicted_gb']:.2f} | {r['prediction_error']:+.1%} | {'yes' if r['within_budget'] else 'NO'} |"
                         if r["predicted_gb"] != "" else "| | |"))
     lines += ["", "Predicted terms (``compression.measure.memory``; GB):", ""]
-    taylor = ([predicted["taylor_phases"][-1], predicted["taylor whole"]]
+    taylor = ([predicted["taylor_phases"][-1], *predicted["taylor_whole_phases"]]
               if any(r[0].startswith("taylor") for r in rows) else [])
     for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]] + taylor:
         lines.append(f"- {plan.stage}: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in plan.terms.items())
@@ -416,7 +421,9 @@ def repredict(args) -> int:
             skip = True
             lines += ["Predicted terms (``compression.measure.memory``; GB; recomputed with `bench_memory.py "
                       "--repredict` after the run, measured figures unchanged):", ""]
-            for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]]:
+            taylor = ([predicted["taylor_phases"][-1], *predicted["taylor_whole_phases"]]
+                      if any(r["stage"].startswith("taylor") for r in out) else [])
+            for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]] + taylor:
                 lines.append(f"- {plan.stage}: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in plan.terms.items())
                              + f"; total {plan.peak / 1e9:.2f}")
             lines.append("")

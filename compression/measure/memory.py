@@ -144,7 +144,8 @@ def sequential_analysis_plans(sizes: ModelSizes, dtype: torch.dtype, samples: in
     backward = MemoryPlan("analyze, sequential: Taylor backward", {
         "runtime": runtime, "layer": sizes.layer * b, "layer_read": sizes.largest_tensor * b,
         "gradients": sizes.layer * b, "kept_inputs": count * hidden, "output_gradients": hidden,
-        "activations": _training_activations(sizes, batch, tokens, b)})
+        "activations": _training_activations(sizes, batch, tokens, b),
+        "scoring": 2 * sizes.largest_tensor * 4})  # |W * G| of the largest weight: two fp32 temporaries
     return [capture, sweep, backward]
 
 
@@ -179,6 +180,16 @@ def whole_taylor_plan(sizes: ModelSizes, dtype: torch.dtype, samples: int, token
         "activations": _training_activations(sizes, samples, tokens, b),
         "vision_activations": _vision_activations(sizes, samples, b),
         "gradient": sizes.largest_tensor * (b + 4)})
+
+
+def whole_load_plan(sizes: ModelSizes, dtype: torch.dtype, stored_dtype: torch.dtype,
+                    runtime: int = RUNTIME_BYTES) -> MemoryPlan:
+    """Loading the whole model with ``from_pretrained``: the weights at the compute precision, and while they are
+    cast from another stored precision, the memory-mapped stored bytes too (resident until loading ends)."""
+    terms = {"runtime": runtime, "weights": sizes.total * DTYPE_BYTES[dtype]}
+    if stored_dtype != dtype:
+        terms["stored_mapped"] = sizes.total * DTYPE_BYTES[stored_dtype]
+    return MemoryPlan("load, whole model", terms)
 
 
 def streaming_prune_plan(sizes: ModelSizes, dtype: torch.dtype, shard_bytes: int, method: str = "width",
