@@ -75,6 +75,12 @@ with st.form(f"recipe_{tag}"):
         max_steps = st.number_input("Max steps (0 = one full epoch)", 0, 100_000, int(r.get("max_steps") or 0))
         checkpointing = st.checkbox("Gradient checkpointing", value=bool(r.get("gradient_checkpointing", False)),
                                     help="recompute activations in the backward: much less memory, ~30 % slower")
+        job_slots = jobs.slots()
+        processes = st.number_input(
+            "Processes (job slots: one per GPU)", 1, len(job_slots),
+            min(len(job_slots), int((prefill.get("hardware") or {}).get("processes", 1))),
+            help=f"this machine's slots: {', '.join(job_slots)}. Above 1 the job waits for that many free slots and "
+                 "runs under accelerate launch: recovery DDP (FSDP for full finetuning), evaluation split")
     with c3:
         st.markdown("**Quantize, visual tokens, evaluate**")
         formats = ["none", "int8", "nf4"]
@@ -107,7 +113,8 @@ if submitted:
                         "batch_size": r.get("batch_size", 16), "gradient_checkpointing": checkpointing},
            "quantize": quantize,
            "visual_tokens": {"keep_ratio": keep_ratio, "scorer": token_scorer, "alpha": alpha},
-           "data": raw_data, "hardware": dict(zip(("device", "dtype"), common.current_hardware()))}
+           "data": raw_data, "hardware": {**dict(zip(("device", "dtype"), common.current_hardware())),
+                                          "processes": int(processes)}}
     with common.shown_as_message():
         recipe = Recipe.from_dict(raw)
     plan = memory_view.plan(loaded, recipe)

@@ -77,6 +77,26 @@ def test_launch_list_cancel_resume_and_reconnect(tiny):
     assert jobs.get(job_id)["state"] in ("cancelled", "succeeded")
 
 
+def test_a_job_of_two_processes_is_asked_for_on_a_machine_of_two_slots(tiny, monkeypatch):
+    from compression.runs import jobs
+
+    monkeypatch.setenv("COMPRESSION_MAX_JOBS", "2")
+    at = app(tiny, "compress")
+    processes = widget(at, "Processes (job slots: one per GPU)")
+    assert processes.value == 1 and processes.max == 2 and "cpu0, cpu1" in processes.help
+    processes.set_value(2)
+    widget(at, "Train").set_value("projector")
+    widget(at, "Distillation from the original").set_value("none")
+    widget(at, "Training data (recovery and calibration)").input("shapes")
+    widget(at, "Max steps (0 = one full epoch)").set_value(1)
+    at.button[0].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    job_id = at.session_state["selected_job"]
+    assert "processes: 2" in jobs.get(job_id)["recipe"]
+    if jobs.get(job_id)["state"] in ("queued", "running"):
+        assert jobs.cancel(job_id)["state"] == "cancelled"
+
+
 def test_config_only_model_cannot_be_launched():
     at = app("config:bunny-v1.0-3b", "compress")
     assert not at.exception
