@@ -8,6 +8,7 @@ refresh keeps it.
 """
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from contextlib import contextmanager
@@ -325,6 +326,10 @@ FIRST_IMPORT_PAUSE_S = 0.5
 def _load(source: str, device: str = "auto", dtype: str = "auto"):
     if "torch" not in sys.modules:
         time.sleep(FIRST_IMPORT_PAUSE_S)
+    else:
+        # The server skips Streamlit's gc after each run (.streamlit/config.toml: it costs every page switch
+        # 0.2-0.5 s); a model evicted from this cache may sit in reference cycles, so collect before the next.
+        gc.collect()
     from compression.hardware import resolve
     from compression.models import load
 
