@@ -21,6 +21,7 @@ and ``auto_map`` shipped in the folder (``trust_remote_code=True``).
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -140,16 +141,21 @@ def _check_range(layer_range: tuple[int, int], n: int, method: str) -> tuple[int
 
 def head_configurations(heads: int, kv_heads: int) -> list[tuple[int, int]]:
     """Every (KV groups kept, query heads kept per group), GQA-aware, sorted by total heads kept."""
+    return list(_head_configurations(heads, kv_heads))
+
+
+@functools.lru_cache(maxsize=256)  # a width plan asks for the same shapes at each of its 400 candidate fractions
+def _head_configurations(heads: int, kv_heads: int) -> tuple[tuple[int, int], ...]:
     group = heads // kv_heads
-    return sorted({(k, g) for k in range(1, kv_heads + 1) for g in range(1, group + 1)},
-                  key=lambda c: (c[0] * c[1], c[0]))
+    return tuple(sorted({(k, g) for k in range(1, kv_heads + 1) for g in range(1, group + 1)},
+                        key=lambda c: (c[0] * c[1], c[0])))
 
 
 def _heads_for(fraction_kept: float, heads: int, kv_heads: int,
                allowed=lambda config: True) -> tuple[int, int]:
     target = fraction_kept * heads
     # nearest total; on a tie keep more KV groups (finer attention, the KV cache saving is small)
-    configs = [c for c in head_configurations(heads, kv_heads) if allowed(c)] or [(kv_heads, heads // kv_heads)]
+    configs = [c for c in _head_configurations(heads, kv_heads) if allowed(c)] or [(kv_heads, heads // kv_heads)]
     return min(configs, key=lambda c: (abs(c[0] * c[1] - target), -c[0]))
 
 
@@ -344,18 +350,21 @@ def _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_
 def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float, heads_prunable: bool = True,
                   servable: Anatomy | None = None, neuron_multiple: int = NEURON_MULTIPLE):
     """Per eligible layer: (head config, neurons kept), and the parameters removed."""
-    chosen, cut = {}, 0
+    chosen, cut, by_shape = {}, 0, {}
     for i in eligible:
         c = costs[i]
-        allowed = _servable_heads(servable, c.heads, c.kv_heads) if servable else (lambda config: True)
-        k, g = (_heads_for(1 - fraction_removed, c.heads, c.kv_heads, allowed) if heads_prunable
-                else (c.kv_heads, c.heads // c.kv_heads))
-        m = _neurons_for(1 - fraction_removed, c.neurons, neuron_multiple)
-        if servable:
-            sizes = [t for t in TENSOR_PARALLEL if c.neurons % t == 0]
-            while m > 1 and any(m % t for t in sizes):
-                m -= 1
-        chosen[i] = ((k, g), m)
+        shape = (c.heads, c.kv_heads, c.neurons)
+        if shape not in by_shape:  # layers of one shape keep the same widths: choose once per shape (7B: 1 of 28)
+            allowed = _servable_heads(servable, c.heads, c.kv_heads) if servable else (lambda config: True)
+            k, g = (_heads_for(1 - fraction_removed, c.heads, c.kv_heads, allowed) if heads_prunable
+                    else (c.kv_heads, c.heads // c.kv_heads))
+            m = _neurons_for(1 - fraction_removed, c.neurons, neuron_multiple)
+            if servable:
+                sizes = [t for t in TENSOR_PARALLEL if c.neurons % t == 0]
+                while m > 1 and any(m % t for t in sizes):
+                    m -= 1
+            by_shape[shape] = ((k, g), m)
+        (k, g), m = chosen[i] = by_shape[shape]
         cut += (c.heads - k * g) * c.per_head + (c.kv_heads - k) * c.per_kv_head + (c.neurons - m) * c.per_neuron
     return chosen, cut
 
