@@ -28,6 +28,7 @@ generate_fn = compare.generate_fn_for(recipe)
 
 image, question, expected = inputs.image_and_question("compare")
 image_hash = hashlib.sha1(inputs.png_bytes(image)).hexdigest()
+background = views.image_uri(image)  # encoded once for both maps
 
 
 @st.cache_data(max_entries=64, show_spinner="Both models answer (timed interleaved)…")
@@ -69,6 +70,6 @@ for column, (label, loaded, key, shown) in zip(columns, (("Original", original, 
                                                 tokens.keep_count(num, keep_ratio))[0].tolist())
                 dropped = set(range(num)) - kept
             title = what + (f", {keep_ratio:.0%} kept" if dropped else "")
-            st.plotly_chart(views.token_map(image, grid, title, dropped=dropped), key=f"compare_map_{key}")
+            st.plotly_chart(views.token_map(background, grid, title, dropped=dropped), key=f"compare_map_{key}")
 common.measured("answers timed interleaved (original, compressed, …): median of 3 after one warm-up; token maps are "
                 "the run's visual-token score at the projector output (QAPruner hybrid unless the recipe says otherwise).")

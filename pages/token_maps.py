@@ -43,10 +43,11 @@ else:
     hybrid_grid = result["hybrid"]
 
 st.subheader("Scores over the image")
+background = views.image_uri(image)  # encoded once for the seven maps
 maps = [("Outlier intensity R (max − min)", result["outlier"]), ("INT4 quantization error E", result["quant_error"]),
         (f"Semantic relevance S^P ({semantic})", semantic_grid), (f"Hybrid S (α = {alpha:.2f})", hybrid_grid)]
 for column, (title, grid) in zip(st.columns(4), maps):
-    column.plotly_chart(views.token_map(image, grid, title), key=f"map_{title}")
+    column.plotly_chart(views.token_map(background, grid, title), key=f"map_{title}")
 common.measured(f"{result['visual_tokens']} visual tokens ({result['grid'][0]}x{result['grid'][1]}) at the "
                 f"{result['where']}; attention read at decoder layer {result['attention_layer']}; brighter = higher.")
 
@@ -57,7 +58,7 @@ survivors = [("semantic only", semantic_grid), ("quantization only (S^Q)", resul
              (f"hybrid (α = {alpha:.2f})", hybrid_grid)]
 for column, (title, grid) in zip(st.columns(3), survivors):
     kept = set(tokens.select_tokens(torch.tensor(grid).flatten()[None], keep)[0].tolist())
-    column.plotly_chart(views.token_map(image, grid, f"{title}: {keep} of {num} kept",
+    column.plotly_chart(views.token_map(background, grid, f"{title}: {keep} of {num} kept",
                                         dropped=set(range(num)) - kept, show_scores=False), key=f"kept_{title}")
 st.caption("Dark cells are the visual tokens dropped before the language model; the kept ones keep their order.")
 with st.expander("Scores as a table"):
