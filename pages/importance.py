@@ -24,25 +24,43 @@ right.caption(f"Budget from Budget & what-if: remove {saved.ratio:.0%} of the la
 big = sum(p.numel() for p in loaded.model.parameters()) > 5e8
 if big and not st.button("Compute importance (slow for a model this size on CPU)"):
     st.stop()
+
+
+# Kept in memory by the stored file's name (model fingerprint, records, kind, method, precision): a rerun
+# reads no CSV (a 7B's neuron scores are 350 k rows) and plans no budget it planned before.
+@st.cache_data(max_entries=32, show_spinner=False)
+def scores(stored_as: str, _calibration, kind: str, method: str):
+    return importance.cached_importance(loaded, kind, method, _calibration)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def budget_marks(stored_as: tuple[str, ...], ratio: float, unit_method: str, _layers, _heads, _neurons):
+    """The layers, heads and neurons a layer / width plan of ``ratio`` removes, or why it cannot be planned."""
+    removed_layers, removed_heads, removed_neurons = [], set(), set()
+    try:
+        removed_layers = prune.make_plan(loaded, "layer", ratio=ratio, scores=_layers).layers_removed
+        width = prune.make_plan(loaded, "width", ratio=ratio, scores={"heads": _heads, "neurons": _neurons},
+                                scorer=unit_method)
+        removed_heads = views.removed_units(width, "heads", _heads)
+        removed_neurons = views.removed_units(width, "neurons", _neurons)
+    except ValueError as e:
+        return removed_layers, removed_heads, removed_neurons, common.one_line(e)
+    return removed_layers, removed_heads, removed_neurons, None
+
+
 with st.spinner("Scoring on calibration records (stored, so only the first time is slow)…"), \
         common.shown_as_message():
     calibration = common.selection("calibration", n_samples, order="random")
-    layers = importance.cached_importance(loaded, "layers", "block_influence", calibration)
-    removal = importance.cached_importance(loaded, "layers", "removal_loss", calibration)
-    heads = importance.cached_importance(loaded, "heads", unit_method, calibration)
-    neurons = importance.cached_importance(loaded, "neurons", unit_method, calibration)
+    wanted = {"layers": ("layers", "block_influence"), "removal": ("layers", "removal_loss"),
+              "heads": ("heads", unit_method), "neurons": ("neurons", unit_method)}
+    stored_as = {name: str(importance.importance_path(loaded, kind, method, calibration))
+                 for name, (kind, method) in wanted.items()}
+    layers, removal, heads, neurons = (scores(stored_as[name], calibration, *wanted[name]) for name in wanted)
 
-removed_layers: list[int] = []
-removed_heads: set = set()
-removed_neurons: set = set()
-try:
-    removed_layers = prune.make_plan(loaded, "layer", ratio=saved.ratio, scores=layers).layers_removed
-    width = prune.make_plan(loaded, "width", ratio=saved.ratio, scores={"heads": heads, "neurons": neurons},
-                            scorer=unit_method)
-    removed_heads = views.removed_units(width, "heads", heads)
-    removed_neurons = views.removed_units(width, "neurons", neurons)
-except ValueError as e:
-    st.warning(f"The budget cannot be highlighted: {common.one_line(e)}")
+removed_layers, removed_heads, removed_neurons, problem = budget_marks(
+    (stored_as["layers"], stored_as["heads"], stored_as["neurons"]), saved.ratio, unit_method, layers, heads, neurons)
+if problem:
+    st.warning(f"The budget cannot be highlighted: {problem}")
 
 st.subheader("Layers")
 st.plotly_chart(views.layer_importance_chart(layers, removal, removed_layers), key="layer_chart")
