@@ -155,6 +155,17 @@ def front_chart(table: pd.DataFrame, cost: str, front: list[str], title: str, ch
     through ringed points, each run's what-if estimate as a hollow marker joined to it, and the chosen
     run ringed in red. Every marker carries ``customdata = [name, recipe]`` (hover and selection)."""
     scale, axis_label, estimate = FRONT_AXES[cost]
+
+    # plain lists, not Series: plotly converts a Series through narwhals, 5x the cost of a list
+    def x(rows: pd.DataFrame, column: str = cost) -> list:
+        return scale(rows[column]).tolist()
+
+    def y(rows: pd.DataFrame) -> list:
+        return rows["accuracy"].tolist()
+
+    def names(rows: pd.DataFrame) -> list:
+        return rows[["name", "recipe"]].to_numpy().tolist()
+
     # a click selects a point (Streamlit's on_select); the "chosen" ring marks it, so nothing is dimmed
     undimmed = dict(selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)))
     traces = []
@@ -162,43 +173,43 @@ def front_chart(table: pd.DataFrame, cost: str, front: list[str], title: str, ch
     guessed = runs.dropna(subset=[estimate, cost])
     if len(guessed):
         xs, ys = [], []
-        for measured, guess, accuracy in zip(guessed[cost], guessed[estimate], guessed["accuracy"]):
-            xs += [scale(measured), scale(guess), None]
+        for measured, guess, accuracy in zip(x(guessed), x(guessed, estimate), y(guessed)):
+            xs += [measured, guess, None]
             ys += [accuracy, accuracy, None]
         traces.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#bbbbbb", width=1), hoverinfo="skip",
                                  showlegend=False, **undimmed))
         traces.append(go.Scatter(
-            x=scale(guessed[estimate]), y=guessed["accuracy"], mode="markers", name="what-if estimate",
+            x=x(guessed, estimate), y=y(guessed), mode="markers", name="what-if estimate",
             marker=dict(symbol="circle-open", size=9, color="#888888", line=dict(width=1.5)),
-            customdata=guessed[["name", "recipe"]].to_numpy(), **undimmed,
+            customdata=names(guessed), **undimmed,
             hovertemplate=f"<b>what-if for %{{customdata[0]}}</b><br>%{{customdata[1]}}<br>estimated {axis_label}: "
                           "%{x:.3g}<extra></extra>"))
     for method, group in runs.groupby("method", sort=False):
         traces.append(go.Scatter(
-            x=scale(group[cost]), y=group["accuracy"], mode="markers", name=f"{method}wise" if method != "none"
-            else "not pruned", marker=dict(size=12, color=METHOD_COLORS.get(method, "#72B7B2"),
-                                           symbol=[RECOVERY_SYMBOLS.get(r, "circle") for r in group["recovery"]],
-                                           line=dict(width=1, color="white")),
-            customdata=group[["name", "recipe"]].to_numpy(), **undimmed,
+            x=x(group), y=y(group), mode="markers", name=f"{method}wise" if method != "none" else "not pruned",
+            marker=dict(size=12, color=METHOD_COLORS.get(method, "#72B7B2"),
+                        symbol=[RECOVERY_SYMBOLS.get(r, "circle") for r in group["recovery"]],
+                        line=dict(width=1, color="white")),
+            customdata=names(group), **undimmed,
             hovertemplate=f"<b>%{{customdata[0]}}</b><br>%{{customdata[1]}}<br>accuracy %{{y:.1%}}<br>{axis_label}: "
                           "%{x:.3g}<extra></extra>"))
     originals = table[table["kind"] == "original"].dropna(subset=[cost])
     if len(originals):
         traces.append(go.Scatter(
-            x=scale(originals[cost]), y=originals["accuracy"], mode="markers", name="original",
-            marker=dict(symbol="star", size=18, color="#333333"), customdata=originals[["name", "recipe"]].to_numpy(),
+            x=x(originals), y=y(originals), mode="markers", name="original",
+            marker=dict(symbol="star", size=18, color="#333333"), customdata=names(originals), **undimmed,
             hovertemplate=f"<b>%{{customdata[0]}}</b><br>accuracy %{{y:.1%}}<br>{axis_label}: "
-                          "%{x:.3g}<extra></extra>", **undimmed))
+                          "%{x:.3g}<extra></extra>"))
     on_front = table[table["name"].isin(front)].dropna(subset=[cost]).sort_values([cost, "accuracy"],
                                                                                 ascending=[True, False])
     if len(on_front):
-        traces.append(go.Scatter(x=scale(on_front[cost]), y=on_front["accuracy"], mode="lines+markers",
-                                 line_shape="hv", line=dict(color="#E45756", dash="dot", width=2),
+        traces.append(go.Scatter(x=x(on_front), y=y(on_front), mode="lines+markers", line_shape="hv",
+                                 line=dict(color="#E45756", dash="dot", width=2),
                                  marker=dict(symbol="circle-open", size=20, color="#E45756", line=dict(width=2)),
                                  name="Pareto front", hoverinfo="skip", **undimmed))
     picked = table[table["name"] == chosen].dropna(subset=[cost]) if chosen else table.iloc[0:0]
     if len(picked):
-        traces.append(go.Scatter(x=scale(picked[cost]), y=picked["accuracy"], mode="markers", name="chosen",
+        traces.append(go.Scatter(x=x(picked), y=y(picked), mode="markers", name="chosen",
                                  marker=dict(symbol="circle-open", size=28, color="#B279A2", line=dict(width=3)),
                                  hoverinfo="skip", **undimmed))
     low = max(0.0, float(table["accuracy"].min()) - 0.1) if len(table) else 0.0
