@@ -94,3 +94,32 @@ def test_7b_on_24gb_full_finetuning_does_not_fit_and_the_advisor_says_lora_with_
     light = advice.Advice("layer", "projector", "none", 0.05, "R.")
     assert advice.fit_to_device(light, loaded, 2**30, "bf16") == light
     assert advice.fit_to_device(heavy, loaded, None, "bf16") == heavy
+
+
+def test_a_recipe_of_eight_processes_is_planned_per_gpu():
+    """FSDP (auto for full finetuning) shards the student's weights, gradients and AdamW state over the
+    processes; DDP (LoRA) keeps a replica each; both split the global batch."""
+    loaded = load("config:llava-1.5-7b")
+    raw = {"model": "reference", "recovery": {"mode": "full", "distillation": "hidden", "batch_size": 16}}
+    one = memory_plan.plan_for_recipe(loaded, Recipe.from_dict(raw), 80 * 2**30, "bf16")["stages"]["recover"]
+    eight = memory_plan.plan_for_recipe(loaded, Recipe.from_dict({**raw, "hardware": {"processes": 8}}),
+                                        80 * 2**30, "bf16")
+    rec = eight["stages"]["recover"]
+    assert rec["optimizer"] == pytest.approx(one["optimizer"] / 8, rel=1e-6)
+    assert rec["gradients"] == pytest.approx(one["gradients"] / 8, rel=1e-6)
+    assert rec["activations"] == pytest.approx(one["activations"] / 8, rel=1e-6)  # 2 samples per GPU instead of 16
+    assert one["weights"] / 8 < rec["weights"] < one["weights"] / 8 * 1.2  # + one decoder layer gathered
+    # the teacher is replicated, and under FSDP it keeps its own vision tower (the student's is sharded)
+    shapes = memory_plan.Shapes.of(loaded)
+    args = (shapes, shapes, "full", "hidden", "bf16", 16, 640)
+    sharded = memory_plan.recovery_peak(*args, processes=8, fsdp=True)["teacher"]
+    replicas = memory_plan.recovery_peak(*args, processes=8, fsdp=False)["teacher"]
+    assert sharded - replicas == shapes.params_vision * 2 > 0
+    assert one["total"] > 80 * 2**30 and eight["fits"] is True
+    ddp = memory_plan.plan_for_recipe(loaded, Recipe.from_dict(
+        {**raw, "recovery": {**raw["recovery"], "mode": "lora"}, "hardware": {"processes": 8, "parallelism": "ddp"}}),
+        80 * 2**30, "bf16")["stages"]["recover"]
+    lora_one = memory_plan.plan_for_recipe(loaded, Recipe.from_dict(
+        {**raw, "recovery": {**raw["recovery"], "mode": "lora"}}), 80 * 2**30, "bf16")["stages"]["recover"]
+    assert ddp["weights"] == lora_one["weights"] and ddp["optimizer"] == lora_one["optimizer"]
+    assert ddp["activations"] == pytest.approx(lora_one["activations"] / 8, rel=1e-6)

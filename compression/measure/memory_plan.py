@@ -89,13 +89,19 @@ def _trainable(shapes: Shapes, mode: str, lora_r: int) -> int:
 
 def recovery_peak(shapes: Shapes, teacher: Shapes | None, mode: str, distillation: str, dtype: str,
                   batch_size: int, sequence_tokens: int, gradient_checkpointing: bool = False,
-                  lora_r: int = 16, shared_vision: bool = True) -> dict[str, int]:
-    """Predicted bytes of one recovery step at its peak, by part (see the module docstring). ``shared_vision``:
-    the teacher holds the student's vision tower (what recovery does, except under FSDP)."""
+                  lora_r: int = 16, shared_vision: bool = True, processes: int = 1,
+                  fsdp: bool = False) -> dict[str, int]:
+    """Predicted bytes of one recovery step at its peak on *one* device, by part (see the module docstring).
+    ``shared_vision``: the teacher holds the student's vision tower (what recovery does, except under FSDP).
+    ``processes``: the global batch is split across them (activations and logits per process); with ``fsdp`` the
+    student's weights, gradients and optimizer state are sharded across them too (plus one decoder layer gathered
+    at a time), and the teacher, replicated, keeps its own vision tower."""
     w = BYTES[dtype]
     trainable = _trainable(shapes, mode, lora_r)
     half = w == 2
-    tokens = batch_size * sequence_tokens
+    processes = max(1, processes)
+    shared_vision = shared_vision and not (fsdp and processes > 1)
+    tokens = -(-batch_size // processes) * sequence_tokens
     per_layer = (18 * shapes.hidden + 6 * shapes.intermediate) * (1 if half else 2)  # bytes per token
     if gradient_checkpointing:
         activations = tokens * (shapes.layers * 2 * shapes.hidden * (1 if half else 2) + per_layer)
@@ -109,6 +115,10 @@ def recovery_peak(shapes: Shapes, teacher: Shapes | None, mode: str, distillatio
         weights = shapes.params_total * w + (trainable * 2 if half else 0)
     parts = {"weights": weights, "gradients": trainable * 4, "optimizer": trainable * 8,
              "activations": activations, "logits": logits, "teacher": 0}
+    if fsdp and processes > 1:
+        for k in ("weights", "gradients", "optimizer"):
+            parts[k] = -(-parts[k] // processes)
+        parts["weights"] += shapes.params_language // max(shapes.layers, 1) * w  # the unit being gathered
     if distillation != "none" and teacher is not None:
         own = teacher.params_total - (teacher.params_vision if shared_vision else 0)
         parts["teacher"] = own * w + tokens * shapes.vocab * w
@@ -138,9 +148,13 @@ def plan_for_recipe(source, recipe, device_bytes: int | None, dtype: str, plan=N
     seq = sequence_tokens or teacher.visual_tokens + 64  # the image's tokens and a short question and answer
     spec = recipe.recovery
     stages = {"evaluate": inference_peak(teacher, dtype, seq)}
+    processes = recipe.hardware.processes
+    parallelism = recipe.hardware.parallelism
+    fsdp = parallelism == "fsdp" or (parallelism == "auto" and spec.mode == "full")  # runs.launch.parallelism
     if spec.mode != "none":
         stages["recover"] = recovery_peak(student, teacher, spec.mode, spec.distillation, dtype, spec.batch_size,
-                                          seq, spec.gradient_checkpointing, spec.lora_r)
+                                          seq, spec.gradient_checkpointing, spec.lora_r, processes=processes,
+                                          fsdp=fsdp)
     peak = max(s["total"] for s in stages.values())
     out: dict[str, Any] = {"dtype": dtype, "sequence_tokens": seq, "device_bytes": device_bytes,
                            "stages": stages, "peak_bytes": peak, "fits": None, "suggestion": None}
@@ -168,7 +182,8 @@ def plan_for_recipe(source, recipe, device_bytes: int | None, dtype: str, plan=N
                     gradient_checkpointing=spec.gradient_checkpointing, lora_r=spec.lora_r)
         args.update(change)
         total = recovery_peak(student, teacher, args["mode"], args["distillation"], args["dtype"], args["batch_size"],
-                              seq, args["gradient_checkpointing"], args["lora_r"])["total"]
+                              seq, args["gradient_checkpointing"], args["lora_r"], processes=processes,
+                              fsdp=fsdp and args["mode"] == "full" if parallelism == "auto" else fsdp)["total"]
         if total <= budget:
             out["suggestion"] = (f"{label} (predicted peak {_gib(total)} instead of {_gib(peak)}; the device has "
                                  f"{_gib(device_bytes)}, {HEADROOM:.0%} of it usable: {_gib(budget)})")
