@@ -381,6 +381,20 @@ def _recompute_layers(layers: nn.ModuleList) -> Iterator[None]:
                 layer.forward = forward
 
 
+def answer_logit_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose logits the Taylor loss reads, ``[batch, tokens]`` bool, and their targets.
+
+    Logits at position t predict token t + 1: the positions whose next token is an answer token, padded with
+    ignored ones (target -100) to ``LM_HEAD_MIN_ROWS`` rows: with 1-7 rows the LM head's backward takes a
+    matrix-vector kernel that sums the 32k-vocabulary products in sequence, ~10x less precise in fp32 than the
+    blocked GEMM the full-logits path uses, and the scores then drift by up to 1e-4."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = shifted != -100
+    spare = (~keep).flatten().nonzero().flatten()[:max(0, LM_HEAD_MIN_ROWS - int(keep.sum()))]
+    keep.view(-1)[spare] = True
+    return keep, shifted[keep]
+
+
 def _taylor_lean(model: nn.Module, anatomy: Anatomy, groups: list[CoupledGroup], batches: list[dict],
                  recompute: bool = True) -> None:
     """Taylor scores accumulated as each weight's gradient arrives, that gradient freed at once.
@@ -404,18 +418,9 @@ def _taylor_lean(model: nn.Module, anatomy: Anatomy, groups: list[CoupledGroup],
     image_token = getattr(model.config, "image_token_index", None)
     pad = next(t for t in (getattr(text, "pad_token_id", None), 0, 1) if t is not None and t != image_token)
     batch = _to(merge_batches(batches, pad), model)
-    labels = batch.pop("labels")
-    # logits at position t predict token t + 1: keep the positions whose next token is an answer token
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    keep = shifted != -100
-    if not keep.any():
+    keep, targets = answer_logit_positions(batch.pop("labels"))
+    if not (targets != -100).any():
         raise ValueError("calibration batches hold no answer tokens; Taylor importance needs a loss")
-    # Pad to LM_HEAD_MIN_ROWS rows (ignored by the loss): with 1-7 rows the LM head's backward takes a
-    # matrix-vector kernel that sums the 32k-vocabulary products in sequence, ~10x less precise in fp32
-    # than the blocked GEMM the full-logits path uses, and the scores then drift by up to 1e-4.
-    spare = (~keep).flatten().nonzero().flatten()[:max(0, LM_HEAD_MIN_ROWS - int(keep.sum()))]
-    keep.view(-1)[spare] = True
-    targets = shifted[keep]
     parts: dict[int, list[tuple[torch.Tensor, Callable]]] = {}
     scores = [torch.zeros(g.units, dtype=torch.float64) for g in groups]
     for gi, g in enumerate(groups):
@@ -558,6 +563,29 @@ def importance_path(loaded: LoadedModel, kind: str, method: str, selection: Sele
     return cache_dir() / "importance" / f"{loaded.fingerprint}-{data_key}-{kind}-{method}{precision}.csv"
 
 
+def checked_request(kind: str, method: str | None, selection: Selection | None, layer_methods: tuple[str, ...],
+                    unit_methods: tuple[str, ...], how: str = "") -> str:
+    """The method a cached-importance request asks for (defaults: ``block_influence`` for layers, ``taylor`` for
+    heads and neurons), after checking it; ``how`` names the path in the error (`` sequentially``)."""
+    if kind not in ("layers", "heads", "neurons"):
+        raise ValueError(f"importance kind {kind!r} is not one of layers, heads, neurons")
+    method = method or ("block_influence" if kind == "layers" else "taylor")
+    allowed = layer_methods if kind == "layers" else unit_methods
+    if method not in allowed:
+        raise ValueError(f"method {method!r} does not score {kind}{how}; expected one of {', '.join(allowed)}")
+    if selection is None and method != "magnitude":
+        raise ValueError(f"{method} importance needs calibration data; expected a selection of records")
+    return method
+
+
+def store_scores(frame: pd.DataFrame, path: Path) -> None:
+    """Write a score frame to its cache file (a temporary name, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
 def cached_importance(loaded: LoadedModel, kind: Literal["layers", "heads", "neurons"], method: str | None = None,
                       selection: Selection | None = None) -> pd.DataFrame:
     """``layer_importance`` / ``unit_importance``, stored by (model fingerprint, calibration selection, kind, method).
@@ -565,14 +593,7 @@ def cached_importance(loaded: LoadedModel, kind: Literal["layers", "heads", "neu
     ``method`` defaults to ``block_influence`` for layers and ``taylor`` for heads and neurons;
     ``selection`` (from ``calibration_selection``) may be None only for ``magnitude``, which needs no data.
     """
-    if kind not in ("layers", "heads", "neurons"):
-        raise ValueError(f"importance kind {kind!r} is not one of layers, heads, neurons")
-    method = method or ("block_influence" if kind == "layers" else "taylor")
-    allowed = LAYER_METHODS if kind == "layers" else UNIT_METHODS
-    if method not in allowed:
-        raise ValueError(f"method {method!r} does not score {kind}; expected one of {', '.join(allowed)}")
-    if selection is None and method != "magnitude":
-        raise ValueError(f"{method} importance needs calibration data; expected a selection of records")
+    method = checked_request(kind, method, selection, LAYER_METHODS, UNIT_METHODS)
     path = importance_path(loaded, kind, method, selection if method != "magnitude" else None)
     if path.is_file():
         return pd.read_csv(path)
@@ -580,8 +601,5 @@ def cached_importance(loaded: LoadedModel, kind: Literal["layers", "heads", "neu
         frame = layer_importance(loaded, selection, method)
     else:
         frame = unit_importance(loaded, selection, kind, method)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    store_scores(frame, path)
     return frame

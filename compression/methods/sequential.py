@@ -43,8 +43,9 @@ from torch import nn
 
 from compression.data.records import Record
 from compression.data.sources import Selection
-from compression.methods.importance import (LM_HEAD_MIN_ROWS, SCORERS, TaylorImportance, _as_batches,
-                                            activation_hook, influence_sum, layer_group, unit_frames)
+from compression.methods.importance import (SCORERS, TaylorImportance, _as_batches, _scored_parameters,
+                                            activation_hook, answer_logit_positions, influence_sum, layer_group,
+                                            unit_frames)
 from compression.models import Anatomy, LoadedModel
 
 # calibration batch size when records are given: llm-compressor calibrates one sample at a time; the vision tower's
@@ -214,17 +215,6 @@ def sequential_importance(loaded: LoadedModel, samples: "Selection | list[Record
     return out
 
 
-def _answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions whose next token is an answer token (logits at ``t`` predict ``t + 1``), padded with ignored
-    ones to ``LM_HEAD_MIN_ROWS`` rows as ``importance._taylor_lean`` does (the same LM-head kernel), and their
-    targets (-100 on the padding)."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    keep = shifted != -100
-    spare = (~keep).flatten().nonzero().flatten()[:max(0, LM_HEAD_MIN_ROWS - int(keep.sum()))]
-    keep.view(-1)[spare] = True
-    return keep, shifted[keep]
-
-
 @contextlib.contextmanager
 def _onloaded_head(loaded: LoadedModel) -> Iterator[tuple[nn.Module, nn.Module]]:
     """The final norm and the LM head, read from the shards for a ``with`` block (a tied head reads the
@@ -258,7 +248,7 @@ def _taylor_backward(loaded: LoadedModel, inputs: list[LayerInputs], kept: list[
     model, anatomy = loaded.model, loaded.anatomy
     text = model.config.get_text_config()
     softcap = getattr(text, "final_logit_softcapping", None)  # Gemma: tanh capping of the logits before the loss
-    positions = [_answer_positions(lab.to(x.hidden.device)) for lab, x in zip(labels, inputs)]
+    positions = [answer_logit_positions(lab.to(x.hidden.device)) for lab, x in zip(labels, inputs)]
     answers = sum(int((t != -100).sum()) for _, t in positions)
     if not answers:
         raise ValueError("calibration batches hold no answer tokens; Taylor importance needs a loss")
@@ -280,8 +270,7 @@ def _taylor_backward(loaded: LoadedModel, inputs: list[LayerInputs], kept: list[
     for i in reversed(range(n)):
         with checkpoint_layer(loaded, i) as layer, torch.enable_grad():
             groups = [layer_group(layer, anatomy, i, k) for k in kinds]
-            scored_ids = {id(p) for g in groups for lin in g.rows + g.cols + g.shared_rows
-                          for p in (lin.weight, lin.bias) if p is not None}
+            scored_ids = {id(p) for p in _scored_parameters(groups)}
             for p in layer.parameters():
                 p.requires_grad_(id(p) in scored_ids)
                 p.grad = None
@@ -349,18 +338,9 @@ def cached_sequential_importance(loaded: LoadedModel, kind: str, method: str | N
 
     ``method`` defaults to ``block_influence`` for layers and ``taylor`` for heads and neurons, as on the whole
     model. A Taylor request adds the backward sweep to the same forward sweep (every frame is stored)."""
-    import os
+    from compression.methods.importance import checked_request, importance_path, store_scores
 
-    from compression.methods.importance import importance_path
-
-    if kind not in ("layers", "heads", "neurons"):
-        raise ValueError(f"importance kind {kind!r} is not one of layers, heads, neurons")
-    method = method or ("block_influence" if kind == "layers" else "taylor")
-    allowed = LAYER_METHODS if kind == "layers" else UNIT_METHODS
-    if method not in allowed:
-        raise ValueError(f"method {method!r} does not score {kind} sequentially; expected one of {', '.join(allowed)}")
-    if selection is None and method != "magnitude":
-        raise ValueError(f"{method} importance needs calibration data; expected a selection of records")
+    method = checked_request(kind, method, selection, LAYER_METHODS, UNIT_METHODS, " sequentially")
     path = importance_path(loaded, kind, method, selection if method != "magnitude" else None)
     if path.is_file():
         return pd.read_csv(path)
@@ -370,9 +350,5 @@ def cached_sequential_importance(loaded: LoadedModel, kind: str, method: str | N
         unit_methods = UNIT_METHODS if method == "taylor" else tuple(m for m in UNIT_METHODS if m != "taylor")
         frames = sequential_importance(loaded, selection, LAYER_METHODS, unit_methods, ("heads", "neurons"), progress)
     for (k, m), frame in frames.items():
-        target = importance_path(loaded, k, m, selection if m != "magnitude" else None)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp-{os.getpid()}")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, target)
+        store_scores(frame, importance_path(loaded, k, m, selection if m != "magnitude" else None))
     return frames[(kind, method)]
