@@ -148,18 +148,6 @@ def tensor_specs(config: dict) -> list[TensorSpec]:
     return specs
 
 
-def _shards(specs: list[TensorSpec], dtype: torch.dtype, shard_bytes: int) -> list[list[TensorSpec]]:
-    shards, current, size = [], [], 0
-    for spec in specs:
-        b = spec.nbytes(dtype)
-        if current and size + b > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(spec)
-        size += b
-    return shards + ([current] if current else [])
-
-
 _POOL: list[torch.Tensor] = []
 
 
@@ -253,7 +241,9 @@ def write_scale_model(out: str | Path, layers: int, dtype: str = "fp32", kv_head
     config = config_dict(layers, kv_heads, dtype, shrink)
     torch_dtype = DTYPES[dtype]
     specs = tensor_specs(config)
-    shards = _shards(specs, torch_dtype, shard_bytes)
+    from compression.models.shards import plan_shards
+
+    shards = plan_shards([(spec, spec.nbytes(torch_dtype)) for spec in specs], shard_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from compression.methods.prune import Plan, _prune_layer_width, apply_plan
-from compression.models.shards import INDEX, Checkpoint, onloaded
+from compression.models.shards import INDEX, Checkpoint, onloaded, plan_shards, shard_file_names
 
 SHARD_BYTES = 1_000_000_000  # one shard is held in memory before it is written: the main memory term
 
@@ -54,17 +54,6 @@ def _output_names(model) -> dict[str, str]:
             raise ValueError(f"cannot trace saved tensor {out_name} back to a module; streaming needs renamings only")
         names[out_name] = by_id[id(t)]
     return names
-
-
-def _plan_shards(sizes: list[tuple[str, int]], shard_bytes: int) -> list[list[str]]:
-    shards, current, size = [], [], 0
-    for name, b in sizes:
-        if current and size + b > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += b
-    return shards + ([current] if current else [])
 
 
 def stream_prune(source: str | Path, plan: Plan, out_dir: str | Path, shard_bytes: int = SHARD_BYTES,
@@ -113,9 +102,8 @@ def stream_prune(source: str | Path, plan: Plan, out_dir: str | Path, shard_byte
 
     emitted = sorted(names.items(), key=order)
     sizes = [(n, meta[k].numel() * torch.empty((), dtype=out_dtype(k)).element_size()) for n, k in emitted]
-    shards = _plan_shards(sizes, shard_bytes)
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors" for s in range(len(shards))])
+    shards = plan_shards(sizes, shard_bytes)
+    files = shard_file_names(len(shards))
     shard_of = {n: files[s] for s, names_in in enumerate(shards) for n in names_in}
 
     out.parent.mkdir(parents=True, exist_ok=True)

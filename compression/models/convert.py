@@ -436,18 +436,11 @@ def _write_shards(planned: list[_Planned], folder: Path, dtype: torch.dtype, max
     """Write the planned tensors shard by shard (one shard in memory at a time); returns the shard count."""
     from safetensors.torch import save_file
 
+    from compression.models.shards import plan_shards, shard_file_names
+
     size = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[_Planned]] = [[]]
-    used = 0
-    for p in planned:
-        nbytes = math.prod(p.shape) * size
-        if shards[-1] and used + nbytes > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(p)
-        used += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    shards = plan_shards([(p, math.prod(p.shape) * size) for p in planned], max_shard_bytes) or [[]]
+    names = shard_file_names(len(shards))
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
         tensors = {}

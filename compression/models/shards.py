@@ -21,7 +21,7 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -137,6 +137,28 @@ class Checkpoint:
                 t = t.to(dtype)
             out[k] = t
         return out
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+def plan_shards(items: list[tuple[Any, int]], shard_bytes: int) -> list[list[Any]]:
+    """``(item, bytes)`` pairs grouped in order into shards of at most ``shard_bytes`` (an item larger than that
+    gets a shard of its own), as ``save_pretrained``'s ``max_shard_size`` does."""
+    shards, current, size = [], [], 0
+    for item, b in items:
+        if current and size + b > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += b
+    return shards + ([current] if current else [])
+
+
+def shard_file_names(count: int) -> list[str]:
+    """transformers' names for ``count`` shards: ``model.safetensors``, or ``model-00001-of-0000N.safetensors``."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 # ------------------------------------------------------------------------------------------------ onloading
