@@ -236,32 +236,28 @@ def main() -> int:
                                             "--scorer", width_scorer, "--streaming", "--out", str(work / "width30"),
                                             "--json", *common], predicted["prune width"]),
         ]
-        stages = [st for st in stages if st[1][0] in wanted]
-        for name, argv, plan in stages:
-            if argv[0] == "prune":
-                name += f" (scorer {argv[argv.index('--scorer') + 1]})"
-            result = run_child("cli", {"argv": argv}, env)
+        def measure_stage(name: str, argv: list[str], plan, stage_env: dict) -> None:
+            result = run_child("cli", {"argv": argv}, stage_env)
             if result["rc"] != 0:
                 raise RuntimeError(f"{name}: exit {result['rc']}: {result['output'][-500:]}")
             rows.append((name, result, plan))
             print(f"{name}: {result['seconds']:.0f} s, peak {result['peak'] / 1e9:.2f} GB "
                   f"({result['peak'] / weights:.1%} of the weights), predicted {plan.peak / 1e9:.2f} GB", flush=True)
             _write(args, command, weights, runtime, rows, reloads, predicted, quiet=True)  # what is measured so far
+
+        stages = [st for st in stages if st[1][0] in wanted]
+        for name, argv, plan in stages:
+            if argv[0] == "prune":
+                name += f" (scorer {argv[argv.index('--scorer') + 1]})"
+            measure_stage(name, argv, plan, env)
         if "taylor" in wanted:
             # the sequential sweep scores heads and neurons from one backward; the whole model's run scores heads
             taylor_stages = [("taylor heads + neurons, sequential", ["--sequential"], predicted["taylor sequential"]),
                              ("taylor heads, whole model (lean)", [], predicted["taylor whole"])]
             for i, (name, extra, plan) in enumerate(taylor_stages):
                 # separate caches: both paths store their scores under the same names
-                stage_env = dict(env, COMPRESSION_CACHE=str(work / f"cache-taylor-{i}"))
-                argv = ["analyze", "--kind", "heads", "--method", "taylor", *extra, "--json", *common]
-                result = run_child("cli", {"argv": argv}, stage_env)
-                if result["rc"] != 0:
-                    raise RuntimeError(f"{name}: exit {result['rc']}: {result['output'][-500:]}")
-                rows.append((name, result, plan))
-                print(f"{name}: {result['seconds']:.0f} s, peak {result['peak'] / 1e9:.2f} GB "
-                      f"({result['peak'] / weights:.1%} of the weights), predicted {plan.peak / 1e9:.2f} GB", flush=True)
-                _write(args, command, weights, runtime, rows, reloads, predicted, quiet=True)
+                measure_stage(name, ["analyze", "--kind", "heads", "--method", "taylor", *extra, "--json", *common],
+                              plan, dict(env, COMPRESSION_CACHE=str(work / f"cache-taylor-{i}")))
             predicted["taylor_compare"] = _compare_taylor(work / "cache-taylor-0", work / "cache-taylor-1")
             print(f"taylor, sequential vs whole: {predicted['taylor_compare']}", flush=True)
         for out in ("layer30", "width30") if "reload" in wanted else ():
