@@ -32,22 +32,29 @@ def reference_path():
 
 
 @pytest.fixture
-def quiet_workers(monkeypatch):
+def one_thread():
+    """One torch thread for the test: two shared cores, and one thread per test process is several times faster
+    than two fighting (workers and launched processes get theirs from OMP_NUM_THREADS)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def quiet_workers(monkeypatch, one_thread):
     """For tests that start job workers: workers inherit one thread each (2 shared cores), fast heartbeats and
     one job at a time; afterwards no worker is left behind."""
     import signal
-
-    import torch
 
     from compression.runs import jobs
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("COMPRESSION_HEARTBEAT_S", "0.3")
     monkeypatch.setenv("COMPRESSION_MAX_JOBS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     for process in list(jobs._children.values()):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

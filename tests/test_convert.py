@@ -29,13 +29,9 @@ IMAGE, PATCH = 56, 14   # 16 patches: the real patch size, a small image
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_no_hub(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_no_hub(monkeypatch, one_thread):
     # the machine's hub cache must not decide a test: towers come from --vision-tower or the checkpoint
     monkeypatch.setattr(convert_module, "_local_snapshot", lambda name: None)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------- original tokenizers

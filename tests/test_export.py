@@ -7,7 +7,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from compression.runs import export
@@ -17,12 +16,8 @@ from tests.tiny import save_tiny
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(monkeypatch, one_thread):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the fresh processes that check an export, too
 
 
 @pytest.fixture(scope="module")
