@@ -15,6 +15,11 @@ of that process: memory-mapped file pages it touched count) is its own:
 - ``prune layer`` / ``prune width``: ``python -m compression prune --streaming`` at 30 % of the language model
   (layers by block influence; width by activation scores, ``--servable`` so every layer has one width and plain
   transformers loads it), reading the cached scores (``compression.methods.streaming``);
+- ``export``: ``python -m compression export`` of the layer-pruned folder, its own reload check included: the
+  run's model, then the export in a fresh process with plain transformers, one after the other, each offloaded
+  (``device_map="auto"``, ``max_memory``: the budget ``runs.export.check_budget`` gives, 5 % of the free memory,
+  the rest read from the shards one module at a time), 8 greedy tokens and their logits compared; the stage's
+  peak is the sum over its process tree (sampled every 50 ms) or its own peak, the larger;
 - ``taylor`` (not in the default stages): ``analyze --kind heads --method taylor``, sequential (forward and
   backward one decoder layer at a time) against the whole model's lean path, each with its own cache; the scores
   of both kinds compared;
@@ -38,6 +43,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,7 +82,9 @@ def child(stage: str, payload: dict) -> dict:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             rc = main(payload["argv"])
-        return {"seconds": time.perf_counter() - t0, "peak": _peak(), "rc": rc, "output": out.getvalue()[-4000:]}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest waited-for child
+        return {"seconds": time.perf_counter() - t0, "peak": _peak(), "children_peak": children, "rc": rc,
+                "output": out.getvalue()[-4000:]}
     if stage == "reload":
         return _reload(payload, t0)
     raise ValueError(f"unknown stage {stage}")
@@ -124,11 +132,30 @@ def _reload(payload: dict, t0: float) -> dict:
 
 
 def run_child(stage: str, payload: dict, env: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", stage, "--payload", json.dumps(payload)],
-                          capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """One stage in a fresh process. ``peak`` is the larger of the process's own peak RSS and the sum of the RSS
+    of it and every process it starts (the export check's fresh interpreter), sampled every 50 ms."""
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", stage, "--payload", json.dumps(payload)],
+                                stdout=out, stderr=err, text=True, env=env)
+        root, tree = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                tree = max(tree, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+            except psutil.Error:  # a process ended between listing and reading
+                pass
+            time.sleep(0.05)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {stage} failed ({proc.returncode}): {stderr.strip()[-2000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["tree_peak"] = tree
+    if "peak" in result:
+        result["self_peak"] = result["peak"]
+        result["peak"] = max(result["peak"], tree)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ predictions
@@ -167,6 +194,33 @@ def predictions(folder: Path, samples: int, runtime: int) -> dict:
                                     memory.whole_taylor_plan(sizes, torch.float32, samples, tokens, runtime)]}
 
 
+def export_stage(source: Path, dest: Path) -> tuple[str, list[str], object]:
+    """``export`` of a pruned folder (``prune --streaming``'s output), with its own reload check at the memory
+    budget ``runs.export.check_budget`` gives on this machine now, and the memory plan's prediction for it."""
+    import torch
+
+    from compression.data.records import single_turn
+    from compression.measure import memory
+    from compression.models import anatomy_from_config
+    from compression.models.loader import _read_config, load_processor, model_from_config
+    from compression.models.prompting import prompt_format
+    from compression.runs.export import CHECK_QUESTION, check_budget, check_image
+
+    budget = check_budget(memory.weight_bytes(source), memory.available_bytes("cpu"))
+    config = _read_config(source / "config.json")
+    sizes = memory.model_sizes(model_from_config(config), anatomy_from_config(config))
+    fmt = prompt_format(load_processor(source), config)
+    text = fmt.render(single_turn(CHECK_QUESTION), add_generation_prompt=True)
+    tokens = fmt.processor(images=[check_image()], text=[text], return_tensors="pt")["input_ids"].shape[1]
+    if budget is None:
+        plan, memory_arg = memory.whole_load_plan(sizes, torch.bfloat16, torch.bfloat16), "whole"
+    else:
+        plan, memory_arg = memory.offloaded_check_plan(sizes, torch.bfloat16, budget, tokens), f"{budget / 1e6:.0f}MB"
+    name = (f"export {source.name} (reload check: plain transformers, "
+            + ("whole)" if budget is None else f"offloaded, {budget / 1e9:.2f} GB of weights in memory)"))
+    return name, ["export", str(source), "--to", str(dest), "--no-zip", "--json", "--check-memory", memory_arg], plan
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main() -> int:
@@ -177,9 +231,11 @@ def main() -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--folder", help="an existing scale_model.py folder to measure (not written, not deleted)")
-    parser.add_argument("--stages", default="analyze,prune,reload",
-                        help="comma-separated: analyze, prune, reload, taylor (Taylor heads + neurons, sequential "
-                             "against the whole model's lean path, scores compared)")
+    parser.add_argument("--stages", default="analyze,prune,export,reload",
+                        help="comma-separated: analyze, prune, export, reload, taylor (Taylor heads + neurons, "
+                             "sequential against the whole model's lean path, scores compared)")
+    parser.add_argument("--export-source", help="the pruned folder the export stage exports (default: the prune "
+                                                "stage's layer30)")
     parser.add_argument("--prune-scorers", default="block_influence,activation",
                         help="layer,width scorers for the prune stages (none: no analysis, lowest indices / deepest "
                              "layers; default: the analyze stage's cached scores)")
@@ -260,7 +316,16 @@ def main() -> int:
                               plan, dict(env, COMPRESSION_CACHE=str(work / f"cache-taylor-{i}")))
             predicted["taylor_compare"] = _compare_taylor(work / "cache-taylor-0", work / "cache-taylor-1")
             print(f"taylor, sequential vs whole: {predicted['taylor_compare']}", flush=True)
-        for out in ("layer30", "width30") if "reload" in wanted else ():
+        if "export" in wanted:
+            source = Path(args.export_source) if args.export_source else work / "layer30"
+            name, argv, plan = export_stage(source, work / "export-layer30")
+            measure_stage(name, argv, plan, env)
+            predicted["export_plan"] = plan
+            predicted["export_check"] = json.loads((work / "export-layer30" / "export_check.json").read_text())
+            print(f"export check: {predicted['export_check']}", flush=True)
+        for out in ("layer30", "width30", "export-layer30") if "reload" in wanted else ():
+            if not (work / out).is_dir():
+                continue
             reloads[out] = run_child("reload", {"out": str(work / out), "source": str(folder),
                                                 "layers": args.layers}, env)
             print(f"reload {out}: {reloads[out]}", flush=True)
@@ -306,7 +371,7 @@ def _write(args, command: str, weights: int, runtime: dict, rows: list, reloads:
         writer.writerows(table)
     sizes = predicted["sizes"]
     lines = [f"# Memory: LLaVA-1.5-7B geometry, {args.layers} decoder layers, bf16 on disk", "",
-             f"Command: `.venv/bin/python -u {command}` (CPU: {os.cpu_count()} cores, shared; "
+             f"Command: `.venv/bin/python -u {command}` (CPU: {_cpu_name()}, {os.cpu_count()} cores, shared; "
              f"{_mem_total() / 2**30:.0f} GiB RAM).", "",
              f"Weights: {weights / 1e9:.2f} GB as stored (bf16); budget per stage {BUDGET:.0%} = {budget / 1e9:.2f} GB. "
              f"Runtime floor (torch + transformers + studio imported): {runtime['peak'] / 1e9:.2f} GB. "
@@ -321,9 +386,18 @@ def _write(args, command: str, weights: int, runtime: dict, rows: list, reloads:
     lines += ["", "Predicted terms (``compression.measure.memory``; GB):", ""]
     taylor = ([predicted["taylor_phases"][-1], *predicted["taylor_whole_phases"]]
               if any(r[0].startswith("taylor") for r in rows) else [])
-    for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]] + taylor:
+    for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]] + taylor + (
+            [predicted["export_plan"]] if "export_plan" in predicted else []):
         lines.append(f"- {plan.stage}: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in plan.terms.items())
                      + f"; total {plan.peak / 1e9:.2f}")
+    if "export_check" in predicted:
+        c = predicted["export_check"]
+        budget_text = "whole" if c["budget_bytes"] is None else f"{c['budget_bytes'] / 1e9:.2f} GB"
+        lines += ["", f"Export check (``export_check.json``): {c['dtype']}, weights in memory per side {budget_text}; the "
+                  f"run's model {c['run_seconds']:.0f} s, then the export reloaded with plain transformers in a fresh "
+                  f"process (placed on {', '.join(c['reload_where'])}) {c['reload_seconds']:.0f} s, peak "
+                  f"{c['reload_peak_rss'] / 1e9:.2f} GB; {c['new_tokens']} greedy tokens, max logit difference "
+                  f"{c['max_logit_difference']:.1e}."]
     if "taylor_compare" in predicted:
         lines += ["", "Taylor, sequential against the whole model's lean path, max relative difference of the scores: "
                   + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}"
@@ -419,7 +493,8 @@ def repredict(args) -> int:
                       "--repredict` after the run, measured figures unchanged):", ""]
             taylor = ([predicted["taylor_phases"][-1], *predicted["taylor_whole_phases"]]
                       if any(r["stage"].startswith("taylor") for r in out) else [])
-            for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]] + taylor:
+            for plan in predicted["phases"] + [predicted["prune layer"], predicted["prune width"]] + taylor + (
+            [predicted["export_plan"]] if "export_plan" in predicted else []):
                 lines.append(f"- {plan.stage}: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in plan.terms.items())
                              + f"; total {plan.peak / 1e9:.2f}")
             lines.append("")
@@ -433,6 +508,17 @@ def repredict(args) -> int:
     (results / f"memory{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _cpu_name() -> str:
+    """The CPU's model name and whether it multiplies bf16 natively (AVX512-BF16 / AMX)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    native = "amx_bf16" in info or "avx512_bf16" in info
+    return f"{name}, {'native' if native else 'no native'} bf16"
 
 
 def _mem_total() -> int:

@@ -32,6 +32,9 @@ elif exists:
     st.caption(f"`{destination}` exists (exported earlier).")
 
 if exists:
+    checked = export.check_summary(destination)
+    if checked:
+        st.caption(checked)
     st.subheader("Load it")
     st.code(views.load_snippet(destination), language="python")
     zip_file = export.zip_path_for(destination)

@@ -73,6 +73,8 @@ def test_export_writes_the_folder_card_zip_and_snippet(use_store):
     assert (folder / "config.json").is_file() and (folder / "README.md").is_file()
     assert str(folder) in at.code[0].value and "from_pretrained" in at.code[0].value
     assert any("tiny-export" in m.value for m in at.markdown)  # the model card preview
+    assert any("Checked: reloaded with plain transformers in a fresh process (fp32, the whole model in memory)"
+               in c.value and "8 greedy tokens the same as the run's" in c.value for c in at.caption)
     assert at.get("download_button")
     again = app(use_store["original"], "export")
     again.text_input(key="export_name_tiny-layer30").input("tiny-export").run()

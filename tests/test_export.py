@@ -115,11 +115,54 @@ def test_destinations_and_runs_resolve_safely(runs, tmp_path):
     assert export.resolve_run(str(runs["uniform"])) == runs["uniform"]
 
 
+def test_a_model_bigger_than_its_check_budget_is_checked_offloaded(runs, tmp_path):
+    """Each side of the check keeps at most the budget's weights in memory: the run's model through the studio's
+    offloaded loader, the export through plain transformers' device_map="auto" with max_memory and an offload
+    folder. The answer is the same as the whole model's, and a changed export still fails."""
+    out = export.export_run(runs["uniform"], tmp_path / "good", make_zip=False, verify=False)
+    whole, offloaded = {}, {}
+    assert export.verify_export(runs["uniform"] / "model", out, False, budget=None, details=whole) == (0.0, True)
+    difference, same = export.verify_export(runs["uniform"] / "model", out, False, budget=100_000, details=offloaded)
+    assert difference == 0.0 and same
+    assert whole["reload_where"] == ["cpu"] and "disk" in offloaded["reload_where"]
+    assert offloaded["budget_bytes"] == 100_000 and offloaded["new_tokens"] == whole["new_tokens"] >= 1
+    weights = load_file(out / "model.safetensors")
+    key = next(k for k in weights if "lm_head" in k)
+    save_file({**weights, key: weights[key] + 0.1}, out / "model.safetensors", metadata={"format": "pt"})
+    assert export.verify_export(runs["uniform"] / "model", out, False, budget=100_000)[0] > 1e-2
+
+
+def test_a_pruned_model_folder_exports_as_well_as_a_run(runs, tmp_path):
+    """What `prune --out` / `prune --streaming` writes (no run around it) exports and passes the same check; its
+    card says what its pruning plan records."""
+    out = export.export_run(runs["uniform"] / "model", tmp_path / "bare", make_zip=False)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "export_check.json"} <= files and "metrics.json" not in files
+    assert json.loads((out / "export_check.json").read_text())["max_logit_difference"] <= 1e-4
+    plan = json.loads((runs["uniform"] / "model" / "pruning_plan.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "layerwise pruning of 30%" in card and f"{plan['params_after']:,}" in card
+
+
+def test_the_check_loads_whole_up_to_a_quarter_of_free_memory():
+    gb = 10 ** 9
+    assert export.check_budget(4 * gb, 16 * gb) is None  # a quarter: whole
+    assert export.check_budget(5 * gb, 16 * gb) == int(0.05 * 16 * gb)  # above: 5 % of the free memory
+    assert export.check_budget(14 * gb, 2 * gb) == export.CHECK_BUDGET_MIN  # never under 256 MiB
+
+
 def test_cli_export_json(runs, tmp_path, capsys):
     from compression.cli import main as cli
 
-    assert cli.main(["export", str(runs["uniform"]), "--to", str(tmp_path / "cli-export"), "--json"]) == 0
+    assert cli.main(["export", str(runs["uniform"]), "--to", str(tmp_path / "cli-export"), "--json",
+                     "--check-memory", "0.0001GB"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert Path(payload["path"]).is_dir() and payload["zip"].endswith("cli-export.zip")
+    check = json.loads((Path(payload["path"]) / "export_check.json").read_text())
+    assert payload["check"] == check and check["budget_bytes"] == 100_000 and "disk" in check["reload_where"]
+    assert check["max_logit_difference"] <= 1e-4 and check["reload_peak_rss"] > 0
+    assert "offloaded, at most 0.00 GB of weights in memory" in export.check_summary(payload["path"])
+    assert cli.main(["export", str(runs["uniform"]), "--to", str(tmp_path / "other"), "--check-memory", "lots"]) == 2
+    assert "--check-memory 'lots': expected auto, whole, or a size" in capsys.readouterr().err
     assert cli.main(["export", str(runs["uniform"]), "--to", str(tmp_path / "cli-export")]) == 2
     assert "already exists" in capsys.readouterr().err

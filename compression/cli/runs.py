@@ -6,6 +6,7 @@ same recipe as a background job. Both go through ``compression.runs.pipeline.run
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -133,11 +134,29 @@ def _cmd_worker(args) -> int:
 def _cmd_export(args) -> int:
     from compression.runs import export
 
-    path = export.export_run(args.run, args.to, overwrite=args.overwrite, make_zip=not args.no_zip)
+    path = export.export_run(args.run, args.to, overwrite=args.overwrite, make_zip=not args.no_zip,
+                             check_budget_bytes=_check_memory(args.check_memory))
     zipped = export.zip_path_for(path)
-    emit(args, {"path": str(path), "zip": str(zipped) if zipped else None, "bytes": export.folder_bytes(path)},
+    check_file = path / "export_check.json"
+    check = json.loads(check_file.read_text()) if check_file.is_file() else None
+    emit(args, {"path": str(path), "zip": str(zipped) if zipped else None, "bytes": export.folder_bytes(path),
+                "check": check},
          f"exported to {path}" + (f" (zip: {zipped})" if zipped else ""))
     return 0
+
+
+def _check_memory(text: str) -> int | None | str:
+    """``--check-memory``: auto, whole, or a size such as 2GB / 512MB (bytes for the export check's weights)."""
+    import re
+
+    value = text.strip().lower()
+    if value in ("auto", "whole"):
+        return "auto" if value == "auto" else None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gb|gib|mb|mib)", value)
+    if not m:
+        raise UsageError(f"--check-memory {text!r}: expected auto, whole, or a size such as 2GB or 512MB")
+    unit = {"gb": 1e9, "gib": 1024 ** 3, "mb": 1e6, "mib": 1024 ** 2}[m.group(2)]
+    return int(float(m.group(1)) * unit)
 
 
 def _cmd_lmms_task(args) -> int:
@@ -188,6 +207,10 @@ def register(sub) -> None:
     p.add_argument("--to", required=True, help="export folder, or a bare name for cache/exports/NAME")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     p.add_argument("--no-zip", action="store_true", help="do not write NAME.zip beside the folder")
+    p.add_argument("--check-memory", default="auto",
+                   help="memory the reload check may keep weights in: auto (whole while the model takes at most a "
+                        "quarter of the free memory, else 5%% of it, the rest read from the shards as needed), "
+                        "whole, or a size such as 2GB")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_export)
 

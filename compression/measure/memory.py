@@ -192,6 +192,21 @@ def whole_load_plan(sizes: ModelSizes, dtype: torch.dtype, stored_dtype: torch.d
     return MemoryPlan("load, whole model", terms)
 
 
+def offloaded_check_plan(sizes: ModelSizes, dtype: torch.dtype, budget: int, tokens: int,
+                         runtime: int = RUNTIME_BYTES) -> MemoryPlan:
+    """``compression.runs.export.verify_export`` with a memory budget: each side (the run's model, then the export
+    in a fresh process) keeps at most ``budget`` of weights in memory and moves one offloaded module (a decoder
+    layer) in at a time; the prompt's activations and logits; while the fresh process runs, the parent's runtime
+    stays resident beside the child's."""
+    b = DTYPE_BYTES[dtype]
+    vocab = sizes.lm_head // sizes.hidden_size if sizes.lm_head else 0
+    terms = {"runtime": runtime, "reload_process_runtime": runtime, "weights_in_memory": min(budget, sizes.total * b),
+             "module_read": sizes.layer * b,
+             "activations": max(_activations(sizes, 1, tokens, b), _vision_activations(sizes, 1, b)),
+             "logits": tokens * vocab * b}
+    return MemoryPlan("export check, offloaded", terms)
+
+
 def streaming_prune_plan(sizes: ModelSizes, dtype: torch.dtype, shard_bytes: int, method: str = "width",
                          runtime: int = RUNTIME_BYTES) -> MemoryPlan:
     """``compression.methods.streaming.stream_prune``: one output shard filled while a layer is read; width
