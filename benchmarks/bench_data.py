@@ -6,7 +6,7 @@ only what was selected. The figures answer "can the studio read a 665k-record mi
 
 It writes ``llava_v1_5_mix665k``-shaped records (multi-turn, 10 % text-only, ``<image>`` at the start or
 the end of the first human turn) pointing at a pool of PNG images, then measures, each step in a fresh
-process so its peak RSS is its own (``ru_maxrss``):
+process so its peak RSS is its own (``VmHWM``; ``ru_maxrss`` would carry the parent's across fork + exec):
 
 - ``index``: ``open_source`` on the file (the byte-offset scan over a memory map, cached afterwards);
 - ``select 5 %``: a seeded random 5 % (records checked: text parsed, image headers read), then decoding
@@ -63,18 +63,18 @@ result = {"records": len(records), "decoded": len(images)}
 """,
 }
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 PATH = {path!r}
 start = time.perf_counter()
 {body}
 result["seconds"] = time.perf_counter() - start
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+result["peak_rss_mb"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 print(json.dumps(result))
 """
 BASELINE = """
-import json, resource
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+import json
+print(json.dumps({"peak_rss_mb": next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024}))
 """
 
 

@@ -5,8 +5,8 @@
 
 Writes a LLaVA-1.5-7B-shaped folder (``benchmarks/scale_model.py``: Vicuna-7B decoder with ``--layers`` layers,
 CLIP ViT-L/14-336, 2-layer projector; random weights, bf16, ~2 GB shards) under ``--workdir``, then runs each
-stage in its own process through the command line, so its peak (``resource.getrusage(RUSAGE_SELF).ru_maxrss``
-of that process: memory-mapped file pages it touched count) is its own:
+stage in its own process through the command line, so its peak (``VmHWM`` of that process,
+``compression.measure.peaks``: memory-mapped file pages it touched count) is its own:
 
 - ``runtime``: a process that only imports torch, transformers and the studio (the floor of every stage);
 - ``analyze``: ``python -m compression analyze --kind layers --sequential`` on 8 ShapesVQA calibration samples,
@@ -39,7 +39,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,7 +52,10 @@ BUDGET = 0.25  # of the weight bytes, per stage
 
 
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own peak (``VmHWM``: ``ru_maxrss`` would carry the parent's peak across fork + exec)."""
+    from compression.measure.peaks import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -82,9 +84,7 @@ def child(stage: str, payload: dict) -> dict:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             rc = main(payload["argv"])
-        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest waited-for child
-        return {"seconds": time.perf_counter() - t0, "peak": _peak(), "children_peak": children, "rc": rc,
-                "output": out.getvalue()[-4000:]}
+        return {"seconds": time.perf_counter() - t0, "peak": _peak(), "rc": rc, "output": out.getvalue()[-4000:]}
     if stage == "reload":
         return _reload(payload, t0)
     raise ValueError(f"unknown stage {stage}")

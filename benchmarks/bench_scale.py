@@ -12,7 +12,7 @@ sharded safetensors, measured, and deleted. Measured with the studio's functions
 - load (``compression.models.load``): time and RSS, then the time and RSS to bring every weight
   in (transformers memory-maps safetensors: pages come in at first touch);
 - block influence and Taylor importance (``compression.methods.importance``), each in a fresh
-  process so that peaks (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) are its own: Taylor on
+  process so that peaks (``VmHWM``, ``compression.measure.peaks.peak_rss_bytes``) are its own: Taylor on
   the lean path (default) and the old path (every scored gradient kept), scores compared;
 - layer and width surgery at 30 % of the language model (``compression.methods.prune``,
   ``make_plan`` / ``apply_plan``; width over every layer, since the paper's default range is
@@ -46,7 +46,6 @@ import gc
 import itertools
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -77,7 +76,10 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own peak (``VmHWM``: ``ru_maxrss`` would carry the parent's peak across fork + exec)."""
+    from compression.measure.peaks import peak_rss_bytes as own_peak
+
+    return own_peak()
 
 
 def mem_available() -> int:
@@ -112,14 +114,15 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> flo
     return 2 * 590 * 4096 * 11008 / best / 1e9
 
 
-def gemm_by_tokens(tokens: tuple[int, ...], rounds: int = 5) -> dict[int, float]:
-    """Seconds of one 4096 -> 11008 fp32 GEMM at each token count, minimum of interleaved rounds: how the
-    CPU's GEMM efficiency falls with fewer rows (the weight panel is packed and streamed whatever M is)."""
-    w = torch.randn(11008, 4096)
+def gemm_by_tokens(tokens: tuple[int, ...], rounds: int = 5, dtype: torch.dtype = torch.float32) -> dict[int, float]:
+    """Seconds of one 4096 -> 11008 GEMM in ``dtype`` (the model's) at each token count, minimum of interleaved
+    rounds: how the CPU's GEMM efficiency falls with fewer rows (the weight panel is read and packed whatever M
+    is; with bf16 tiles, at a few dozen rows the weight bytes rather than the FLOPs bound the time)."""
+    w = torch.randn(11008, 4096, dtype=dtype)
     best = {m: float("inf") for m in tokens}
     for _ in range(rounds):
         for m in tokens:
-            x = torch.randn(m, 4096)
+            x = torch.randn(m, 4096, dtype=dtype)
             t = time.perf_counter()
             torch.nn.functional.linear(x, w)
             best[m] = min(best[m], time.perf_counter() - t)
@@ -330,8 +333,11 @@ def measure(n_layers: int, dtype: str, args, rows: Rows, workdir: Path) -> dict:
         model, anatomy, processor = loaded.model, loaded.anatomy, loaded.processor
         if scores is None:
             scores = importance.unit_importances(loaded, None, ("heads", "neurons"), "magnitude")
+        # width: neurons in multiples of 32 (the least the planner allows; its default before "auto");
+        # width-128: in multiples of 128, what the planner's default ("auto") chooses for layers this wide
         plans = {"layer": prune.make_plan(loaded, "layer", ratio=args.ratio, scores=bi_frame),
-                 "width": prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers))}
+                 "width": prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers),
+                                          neuron_multiple=32)}
         rounded = prune.make_plan(loaded, "width", ratio=args.ratio, scores=scores, layer_range=(0, n_layers),
                                   neuron_multiple=128)
         if rounded.widths_after != plans["width"].widths_after:
@@ -440,7 +446,7 @@ def _measure_loaded(n_layers, dtype, args, add, facts, workdir, folder, base, lo
             inputs[name] = kept.model_kwargs()
             token_lengths[name] = (int(kept.kept.shape[1]), int(kept.inputs_embeds.shape[1]))
 
-        gemm = gemm_by_tokens((seq, *(length for _, length in token_lengths.values())))
+        gemm = gemm_by_tokens((seq, *(length for _, length in token_lengths.values())), dtype=model.dtype)
         facts["gemm_by_tokens"] = {m: 2 * m * 4096 * 11008 / t / 1e9 for m, t in gemm.items()}
         ideal_before = prune.what_if(loaded, None, hardware="cpu", prompt_tokens=prompt_tokens)
         ideal = {name: prune.what_if(loaded, plan, hardware="cpu", prompt_tokens=prompt_tokens)
@@ -682,11 +688,13 @@ def summarize(rows: Rows, facts: dict, args: dict, command: str, wall_s: float) 
             g = facts["per_model"].get(f"{n}-{d}", {}).get("gemm_by_tokens")
             if g:
                 gemm_lines.append(f"- N = {n}: " + ", ".join(f"{m} tokens {v:.0f} GFLOPS" for m, v in g.items()))
-        lines += ["Visual-token pruning shortens the sequence, and this CPU's fp32 GEMM (MKL, AVX2) loses "
-                  "efficiency with fewer rows: the 4096 x 11008 weight panel is packed and streamed from memory "
-                  "whatever the row count, so the per-layer time is roughly `a + b * tokens`, not `b * tokens`, "
-                  "and the FLOP ratio is out of reach at 157 and 85 tokens. Measured, one 4096 -> 11008 GEMM "
-                  "(minimum of 5 interleaved rounds), at the sequence lengths timed:", ""] + gemm_lines + [""]
+        lines += [f"Visual-token pruning shortens the sequence, and this CPU's {d} GEMM "
+                  f"({torch.backends.cpu.get_cpu_capability()}{', native bf16' if native_bf16() else ''}) loses "
+                  "efficiency with fewer rows: the 4096 x 11008 weight panel is read and packed whatever the row count (with bf16 tiles, at a few dozen rows its bytes "
+                  "rather than the FLOPs bound the time), so the per-layer time is roughly `a + b * tokens`, not "
+                  "`b * tokens`, and the FLOP ratio is out of reach at the shortest lengths. Measured, one "
+                  f"4096 -> 11008 GEMM in {d} (minimum of 5 interleaved rounds), at the sequence lengths timed:",
+                  "", *gemm_lines, ""]
 
         # ---- growth with N and extrapolation
         est = facts["what_if_32"]

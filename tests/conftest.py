@@ -15,6 +15,13 @@ from transformers.utils import logging as _hf_logging  # noqa: E402
 
 _hf_logging.get_logger("transformers")
 
+# under pytest-xdist (.ci/test: -n auto) each worker gets its share of the cores, so the workers do not fight
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _workers > 1:
+    import torch  # noqa: E402
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

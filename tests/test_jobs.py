@@ -208,26 +208,38 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
-def test_two_jobs_run_at_once_on_two_cpu_slots_and_one_is_cancelled_alone(tiny_folder, monkeypatch):
+def test_two_jobs_run_at_once_on_two_cpu_slots_one_killed_one_cancelled_each_alone(tiny_folder, monkeypatch):
     monkeypatch.setenv("COMPRESSION_MAX_JOBS", "2")
     monkeypatch.delenv("OMP_NUM_THREADS")  # each slot gets its share of the cores
     assert jobs.slots() == ["cpu0", "cpu1"]
     long = jobs.submit(recipe_for(tiny_folder, steps=5000, name="long"))
     short = jobs.submit(recipe_for(tiny_folder, steps=40, name="short"))
     # both running at once (both in recovery), each on its own slot, told so in its environment
-    both = wait_for(lambda: (a := jobs.get(long))["step"] >= 1 and (b := jobs.get(short))["step"] >= 1
+    both = wait_for(lambda: (a := jobs.get(long))["step"] >= 1 and (b := jobs.get(short))["step"] >= 8
                     and b["state"] == "running" and (a, b))
     assert {both[0]["slot"], both[1]["slot"]} == {"cpu0", "cpu1"}
     for job in both:
         env = _environ(job["pid"])
         assert env["COMPRESSION_SLOT"] == job["slot"] and env["CUDA_VISIBLE_DEVICES"] == ""
         assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
-    short_pid = both[1]["pid"]
+    long_pid, short_pid = both[0]["pid"], both[1]["pid"]
+
+    # kill -9 of one worker: detected for that job alone; the other keeps running
+    os.killpg(short_pid, signal.SIGKILL)
+    failed = wait_for(lambda: (j := jobs.get(short))["state"] == "failed" and j, timeout=30)
+    assert "SIGKILL" in failed["error"]
+    assert jobs.get(long)["state"] == "running" and jobs._alive(long_pid, long)
+    step = jobs.get(long)["step"]
+    wait_for(lambda: jobs.get(long)["step"] > step, timeout=60)  # still making progress
+
+    # cancel of the other: it alone stops; the killed one resumes from its checkpoint on a free slot
     assert jobs.cancel(long)["state"] == "cancelled"
-    assert jobs.get(short)["state"] == "running" and jobs._alive(short_pid, short)  # untouched
+    assert jobs.resume(short)["state"] in ("queued", "running")
     done = jobs.wait(short, timeout=600)
-    assert done["state"] == "succeeded" and done["slot"] in ("cpu0", "cpu1")
+    assert done["state"] == "succeeded" and done["slot"] in ("cpu0", "cpu1") and done["attempts"] == 2
     assert f"slot {done['slot']}" in jobs.log_tail(short, 200)
+    metrics = json.loads((Path(done["run_dir"]) / "metrics.json").read_text())
+    assert metrics["recovery"]["resumed_from"] >= 5
     assert jobs.get(long)["state"] == "cancelled" and not (jobs.runs_dir() / long).exists()
 
 

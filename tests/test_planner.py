@@ -8,7 +8,7 @@ import pytest
 
 from compression import models
 from compression.measure import whatif
-from compression.methods.prune import Plan, head_configurations, make_plan, what_if
+from compression.methods.prune import Plan, auto_multiple, head_configurations, make_plan, what_if
 from tests.tiny import tiny_config
 
 
@@ -50,11 +50,15 @@ def test_width_plan_default_range_gqa_and_multiples_of_32(eight_layers):
 
 
 def test_width_plan_rounds_neurons_to_a_requested_multiple(llava7b):
-    plain = make_plan(llava7b, "width", ratio=0.2)
+    plain = make_plan(llava7b, "width", ratio=0.2, neuron_multiple=32)
     rounded = make_plan(llava7b, "width", ratio=0.2, neuron_multiple=128)
+    auto = make_plan(llava7b, "width", ratio=0.2)  # the default: 128 for layers of 11008 neurons
     assert {len(v) for v in plain.neurons_kept.values()} == {8416}  # a multiple of 32, not of 64
     assert {len(v) for v in rounded.neurons_kept.values()} == {8448}  # 66 x 128
     assert abs(rounded.ratio_achieved - 0.2) < 0.01 and any("multiples of 128" in n for n in rounded.notes)
+    assert auto.neurons_kept == rounded.neurons_kept and any("auto for layers of this width" in n for n in auto.notes)
+    # auto: 128 from 4096 neurons, 64 from 2048, else 32 (the reference model's 512)
+    assert [auto_multiple(n) for n in (11008, 4096, 2048, 2112, 2080, 512, 100)] == [128, 128, 64, 64, 32, 32, 32]
     with pytest.raises(ValueError, match="neuron_multiple 48"):
         make_plan(llava7b, "width", ratio=0.3, neuron_multiple=48)
 
@@ -187,3 +191,19 @@ def test_servable_width_plans_are_uniform_and_keep_tensor_parallel_sizes(name, h
     assert loaded.anatomy.hidden_size % heads == 0 and heads % widths["num_key_value_heads"][0] == 0
     with pytest.raises(ValueError, match="servable width plan prunes every layer alike"):
         make_plan(loaded, "width", ratio=0.3, servable=True, layer_range=(3, 10))
+
+
+def test_neuron_multiple_from_the_cli_and_a_recipe(capsys):
+    from compression.cli import main as cli
+    from compression.runs.recipe import Recipe, RecipeError
+
+    assert cli.main(["plan", "--model", "config:llava-1.5-7b", "--method", "width", "--ratio", "0.2",
+                     "--neuron-multiple", "32", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan["widths_after"]["intermediate_size"][3:-1]) == {8416}
+    assert cli.main(["plan", "--model", "config:llava-1.5-7b", "--method", "width", "--ratio", "0.2",
+                     "--neuron-multiple", "48"]) == 2
+    assert "--neuron-multiple '48': expected auto or a multiple of 32" in capsys.readouterr().err
+    assert Recipe.from_dict({"prune": {"method": "width", "ratio": 0.2}}).prune.neuron_multiple == "auto"
+    with pytest.raises(RecipeError, match="neuron_multiple"):
+        Recipe.from_dict({"prune": {"method": "width", "ratio": 0.2, "neuron_multiple": 40}})

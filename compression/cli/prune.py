@@ -136,7 +136,16 @@ def _make_plan(args, loaded, sequential: bool = False):
         scores = _scores(args, loaded, args.method, scorer)
     return make_plan(loaded, args.method, ratio=args.ratio, target_mb=args.target_mb, scores=scores,
                      layer_range=_layer_range(args.layer_range), target_dtype=args.target_dtype,
-                     servable=args.servable)
+                     servable=args.servable, neuron_multiple=_neuron_multiple(args.neuron_multiple))
+
+
+def _neuron_multiple(text: str) -> int | str:
+    """``--neuron-multiple``: auto, or a multiple of 32."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 32 or int(text) % 32:
+        raise UsageError(f"--neuron-multiple {text!r}: expected auto or a multiple of 32 (32, 64, 128)")
+    return int(text)
 
 
 def _cmd_analyze(args) -> int:
@@ -251,6 +260,9 @@ def _budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-range", help="eligible layers START:STOP (width default: first 3 and last left whole)")
     p.add_argument("--servable", action="store_true",
                    help="width: every layer alike (plain transformers, no custom code), tensor-parallel sizes kept")
+    p.add_argument("--neuron-multiple", default="auto",
+                   help="width: kept MLP neurons per layer a multiple of this (auto: 128 for layers of 4096 neurons "
+                        "or more, 64 from 2048, else 32; 32 is the least, what bitsandbytes nf4 on CPU needs)")
     p.add_argument("--scorer", help="layer: block_influence|removal_loss; width: taylor|activation|magnitude; or none")
     p.add_argument("--samples", type=int, default=32, help="calibration samples for importance")
     add_data_arguments(p, "calibration data for the importance scores")

@@ -40,6 +40,8 @@ from compression.measure.whatif import HARDWARE, bytes_by_dtype, what_if  # noqa
 from compression.measure.whatif import _unpack
 
 NEURON_MULTIPLE = 32  # bitsandbytes nf4 on CPU asserts N % 32 == 0 (shared/NOTES-reference-model.md)
+# "auto": the largest GEMM-friendly multiple that is at most 1/32 of the layer's neurons (a step of at most ~3 %)
+AUTO_MULTIPLES = (128, 64, 32)
 PAPER_FIRST_LAYERS_KEPT = 3  # paper default: the first 3 decoder layers and the last one left whole
 PAPER_LAST_LAYERS_KEPT = 1
 
@@ -185,8 +187,18 @@ def _servable_heads(anatomy: Anatomy, heads: int, kv_heads: int):
                       and all((c[0] * c[1]) % t == 0 and c[0] % t == 0 for t in sizes))
 
 
-def _neurons_for(fraction_kept: float, neurons: int, multiple: int = NEURON_MULTIPLE) -> int:
-    """Neurons kept: the nearest multiple of ``multiple`` (else of 32, else any count) the layer allows."""
+def auto_multiple(neurons: int) -> int:
+    """The ``neuron_multiple="auto"`` choice for a layer of ``neurons``: 128 (the GEMM tile of AMX, AVX-512 and GPU
+    tensor cores) for a layer of 4096 neurons or more, 64 from 2048, else 32; one the layer's count divides.
+    Measured on LLaVA-1.5-7B's shapes in bf16 (``benchmarks/results/scale.md``): decode of a width plan rounded
+    to 32 reached 0.81 of its byte ratio, rounded to 128 0.90-0.97."""
+    return next((m for m in AUTO_MULTIPLES if neurons % m == 0 and neurons >= 32 * m), NEURON_MULTIPLE)
+
+
+def _neurons_for(fraction_kept: float, neurons: int, multiple: int | str = NEURON_MULTIPLE) -> int:
+    """Neurons kept: the nearest multiple of ``multiple`` (``"auto"``: ``auto_multiple``; else of 32, else any
+    count) the layer allows."""
+    multiple = auto_multiple(neurons) if multiple == "auto" else multiple
     for m in dict.fromkeys((multiple, NEURON_MULTIPLE)):
         if neurons % m == 0:
             return max(m, int(round(fraction_kept * neurons / m)) * m)
@@ -252,7 +264,7 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
               target_mb: float | None = None, scores: pd.DataFrame | dict[str, pd.DataFrame] | None = None,
               layer_range: tuple[int, int] | None = None, target_dtype: str = "fp32",
               scorer: str | None = None, servable: bool = False,
-              neuron_multiple: int = NEURON_MULTIPLE) -> Plan:
+              neuron_multiple: int | str = "auto") -> Plan:
     """Turn a budget into a plan.
 
     ``source``: a ``LoadedModel`` (weights or config-only) or ``(model, anatomy)``.
@@ -264,7 +276,8 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
     (Gromov et al. 2024) and width plans keep the lowest indices (counts are exact either way).
     ``layer_range`` ``(start, stop)``: eligible layers (width default: first 3 and last whole).
     ``neuron_multiple`` (width): kept MLP neurons per layer are a multiple of it where the layer's
-    width allows (default 32, what bitsandbytes nf4 on CPU needs; 64 / 128 suit GEMM tiles).
+    width allows (at least 32, what bitsandbytes nf4 on CPU needs; 64 / 128 suit GEMM tiles). ``"auto"`` (the
+    default): ``auto_multiple`` per layer, 128 for 7B-sized layers, 32 for small ones.
     ``servable``: width plans prune every layer alike (one width: plain transformers loads it, no custom
     code) and keep the tensor-parallel sizes (2, 4, 8) the model's head, KV-head and neuron counts divide
     by. Every plan says what serving it needs in ``plan.servable`` (``servability``).
@@ -280,7 +293,8 @@ def make_plan(source: LoadedModel | tuple[nn.Module, Anatomy], method: Method, r
         plan = _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores,
                             layer_range, scorer)
     else:
-        if neuron_multiple < 1 or neuron_multiple % NEURON_MULTIPLE:
+        if neuron_multiple != "auto" and (not isinstance(neuron_multiple, int) or neuron_multiple < 1
+                                          or neuron_multiple % NEURON_MULTIPLE):
             raise ValueError(f"neuron_multiple {neuron_multiple} must be a positive multiple of {NEURON_MULTIPLE}")
         if servable and layer_range is not None and tuple(layer_range) != (0, anatomy.num_layers):
             raise ValueError(f"a servable width plan prunes every layer alike; layer range {tuple(layer_range)} leaves "
@@ -348,7 +362,7 @@ def _plan_layers(model, anatomy, counts, costs, wanted, is_floor, ratio, target_
 
 
 def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed: float, heads_prunable: bool = True,
-                  servable: Anatomy | None = None, neuron_multiple: int = NEURON_MULTIPLE):
+                  servable: Anatomy | None = None, neuron_multiple: int | str = NEURON_MULTIPLE):
     """Per eligible layer: (head config, neurons kept), and the parameters removed."""
     chosen, cut, by_shape = {}, 0, {}
     for i in eligible:
@@ -370,7 +384,7 @@ def _width_counts(costs: list[LayerCost], eligible: list[int], fraction_removed:
 
 
 def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_mb, scores, layer_range,
-                scorer, servable: bool = False, neuron_multiple: int = NEURON_MULTIPLE) -> Plan:
+                scorer, servable: bool = False, neuron_multiple: int | str = NEURON_MULTIPLE) -> Plan:
     n = anatomy.num_layers
     start, stop = _check_range(layer_range or default_layer_range(n), n, "width")
     eligible = list(range(start, stop))
@@ -419,9 +433,11 @@ def _plan_width(model, anatomy, counts, costs, wanted, is_floor, ratio, target_m
     if not anatomy.heads_prunable:
         notes.append(f"attention heads kept: the {anatomy.language_model_type} attention derives head_dim from "
                      "hidden_size / num_attention_heads, so fewer heads would not load; MLP neurons only")
-    if all(c.neurons % neuron_multiple == 0 for c in costs):
-        notes.append(f"neuron counts rounded to multiples of {neuron_multiple}"
-                     + (" (bitsandbytes nf4 on CPU needs it)" if neuron_multiple == NEURON_MULTIPLE else ""))
+    used = sorted({auto_multiple(costs[i].neurons) if neuron_multiple == "auto" else neuron_multiple for i in chosen})
+    if len(used) == 1 and all(costs[i].neurons % used[0] == 0 for i in chosen):
+        notes.append(f"neuron counts rounded to multiples of {used[0]}"
+                     + (" (bitsandbytes nf4 on CPU needs it)" if used[0] == NEURON_MULTIPLE else " (GEMM tiles)")
+                     + (": auto for layers of this width" if neuron_multiple == "auto" else ""))
     elif all(c.neurons % NEURON_MULTIPLE == 0 for c in costs):
         notes.append(f"neuron counts rounded to multiples of {NEURON_MULTIPLE} (bitsandbytes nf4 on CPU needs it)")
     if scores is not None and len(names) < 2:

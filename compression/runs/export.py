@@ -241,7 +241,11 @@ with torch.no_grad():
                           return_dict_in_generate=True)
 save_file({"logits": torch.stack(done.logits, 1).float().contiguous(),
            "answer": done.sequences[:, inputs["input_ids"].shape[1]:].contiguous()}, out)
-status.update(seconds=time.perf_counter() - start, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+try:  # this process's own peak: VmHWM (ru_maxrss would carry the parent's across fork + exec), else ru_maxrss
+    peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+status.update(seconds=time.perf_counter() - start, peak_rss=peak)
 print(json.dumps(status))
 """
 CHECK_QUESTION = "What is shown in this image?"

@@ -235,7 +235,7 @@ def _pruned_student(recipe: Recipe, original: LoadedModel, work: Path | None, sa
         scores = _importance_scores(recipe, original, calibration, say)
         plan = prune.make_plan((student.model, student.anatomy), recipe.prune.method, ratio=recipe.prune.ratio,
                                scores=scores, layer_range=recipe.prune.layer_range, scorer=recipe.prune.scorer,
-                               servable=recipe.prune.servable)
+                               servable=recipe.prune.servable, neuron_multiple=recipe.prune.neuron_multiple)
         student.model, student.anatomy = prune.apply_plan(student.model, student.anatomy, plan)
         student.path = None
         say(f"pruned ({plan.method}, {recipe.prune.scorer}): asked {recipe.prune.ratio:.0%}, achieved "

@@ -46,6 +46,7 @@ class PruneSpec(_Strict):
     scorer: str | None = None                  # None: block_influence for layer, taylor for width
     layer_range: tuple[int, int] | None = None  # [first, last) layers eligible; None: paper default
     servable: bool = False                      # width: every layer alike (plain transformers), TP sizes kept
+    neuron_multiple: Literal["auto"] | int = "auto"  # width: kept neurons a multiple of this (auto: 128 for 7B layers)
 
     @model_validator(mode="after")
     def _check(self) -> "PruneSpec":
@@ -60,6 +61,8 @@ class PruneSpec(_Strict):
             raise _field_error("ratio", self.ratio, f"a fraction in (0, 1) when method is {self.method!r}")
         if self.layer_range is not None and not 0 <= self.layer_range[0] < self.layer_range[1]:
             raise _field_error("layer_range", list(self.layer_range), "[first, last) with 0 <= first < last")
+        if self.neuron_multiple != "auto" and (self.neuron_multiple < 32 or self.neuron_multiple % 32):
+            raise _field_error("neuron_multiple", self.neuron_multiple, "auto or a multiple of 32 (32, 64, 128)")
         return self
 
 
