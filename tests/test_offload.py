@@ -21,6 +21,12 @@ def test_a_model_that_does_not_fit_is_offloaded_and_answers_the_same(tmp_path, m
         stored = sum(4 * torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
     assert placement["weights_bytes"] == stored
     assert half.hardware_label.startswith("offloaded: ") and "disk" in half.hardware_label
+    # what every forward pass moves back in: most of a model given 200 kB, never more than all of it
+    assert 0.5 * stored <= placement["offloaded_bytes"] <= stored
+    from ui.common import offload_note
+
+    note = offload_note(half)
+    assert f"reads {placement['offloaded_bytes'] / 2**30:.1f} GiB back in" in note and "s more per forward pass" in note
 
     record = select(open_source("shapes", "eval"), samples=1).records[0]
     inputs = evaluate.latency_inputs(whole, record)

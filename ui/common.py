@@ -337,6 +337,21 @@ def _load(source: str, device: str = "auto", dtype: str = "auto"):
     return load(source, device=chosen.device, dtype=chosen.dtype)
 
 
+def offload_note(loaded) -> str:
+    """What offloading costs, in one warning: the bytes every forward pass moves back in, and the least time that
+    takes at this machine's measured copy rate."""
+    from compression.measure.whatif import cpu_profile
+
+    placement = loaded.extras["placement"]
+    moved = placement.get("offloaded_bytes") or 0
+    rate = cpu_profile().bandwidth
+    return (f"`{loaded.name}` ({placement['weights_bytes'] / 2**30:.1f} GiB of weights) does not fit the device, so "
+            f"it is offloaded ({loaded.hardware_label}): every forward pass reads {moved / 2**30:.1f} GiB back in, at "
+            f"least {moved / rate:.2f} s more per forward pass (and per generated token) at this machine's measured "
+            f"copy rate of {rate / 1e9:.0f} GB/s, more from a disk that is not in the page cache. Answers are the "
+            "same; every time measured here includes it.")
+
+
 def loaded_model(need_weights: bool = False, source: str | None = None):
     """The chosen model (read-only, cached) on the sidebar's hardware; on bad input (a model, or a device /
     precision this machine lacks) a one-line error and the page stops."""
@@ -350,10 +365,7 @@ def loaded_model(need_weights: bool = False, source: str | None = None):
         st.session_state["hw_resolved"] = loaded.hardware_label
         placement = loaded.extras.get("placement") or {}
         if placement.get("offloaded"):
-            st.warning(f"`{loaded.name}` ({placement['weights_bytes'] / 2**30:.1f} GiB of weights) does not fit the "
-                       f"device, so it is offloaded ({loaded.hardware_label}): every forward pass reads the "
-                       "offloaded weights back in, so answers are the same and every measured time here is slower, "
-                       "by how much the latency figures on this page show.")
+            st.warning(offload_note(loaded))
     if need_weights and not loaded.has_weights:
         st.info(f"`{loaded.name}` is config-only (no weights): this page needs a model with weights. "
                 "Pick the reference model, a local folder or a finished run in the sidebar.")

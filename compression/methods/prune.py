@@ -191,7 +191,7 @@ def auto_multiple(neurons: int) -> int:
     """The ``neuron_multiple="auto"`` choice for a layer of ``neurons``: 128 (the GEMM tile of AMX, AVX-512 and GPU
     tensor cores) for a layer of 4096 neurons or more, 64 from 2048, else 32; one the layer's count divides.
     Measured on LLaVA-1.5-7B's shapes in bf16 (``benchmarks/results/scale.md``): decode of a width plan rounded
-    to 32 reached 0.81 of its byte ratio, rounded to 128 0.90-0.97."""
+    to 32 reached 0.79-0.92 of its byte ratio, rounded to 128 0.92-0.95."""
     return next((m for m in AUTO_MULTIPLES if neurons % m == 0 and neurons >= 32 * m), NEURON_MULTIPLE)
 
 

@@ -267,12 +267,27 @@ def load(source: str, device: str = "cpu", dtype: torch.dtype | str = torch.floa
     model.eval()
     loaded = LoadedModel(model, processor, anatomy, name, kind, path, True, fingerprint_folder(path))
     if placement:
-        where = list(getattr(model, "hf_device_map", {}).values())
+        device_map = getattr(model, "hf_device_map", {})
+        where = list(device_map.values())
+        away = ("cpu", "disk") if device != "cpu" else ("disk",)  # what each forward pass brings back in
         loaded.extras["placement"] = {
-            "offloaded": any(str(w) in ("cpu", "disk") for w in where) if device != "cpu" else "disk" in where,
+            "offloaded": any(str(w) in away for w in where),
             "modules": {str(w): where.count(w) for w in dict.fromkeys(where)},
-            "weights_bytes": placement["weights_bytes"], "max_memory": placement["max_memory"]}
+            "weights_bytes": placement["weights_bytes"], "max_memory": placement["max_memory"],
+            "offloaded_bytes": _offloaded_bytes(model, device_map, away, placement["weights_bytes"])}
     return loaded
+
+
+def _offloaded_bytes(model: torch.nn.Module, device_map: dict, away: tuple[str, ...], weights_bytes: int) -> int:
+    """Bytes of the weights placed off the compute device (the modules ``device_map`` puts in ``away``), at the
+    loaded precision: what every forward pass moves in again."""
+    total_params = sum(p.numel() for p in model.parameters()) or 1
+    moved = 0
+    for name, w in device_map.items():
+        if str(w) in away:
+            module = model.get_submodule(name) if name else model
+            moved += sum(p.numel() for p in module.parameters())
+    return int(weights_bytes * min(1.0, moved / total_params))
 
 
 def _weights_bytes(path: Path, dtype: torch.dtype) -> int:
