@@ -6,7 +6,8 @@ only what was selected. The figures answer "can the studio read a 665k-record mi
 
 It writes ``llava_v1_5_mix665k``-shaped records (multi-turn, 10 % text-only, ``<image>`` at the start or
 the end of the first human turn) pointing at a pool of PNG images, then measures, each step in a fresh
-process so its peak RSS is its own (``VmHWM``; ``ru_maxrss`` would carry the parent's across fork + exec):
+process so its peak RSS is its own (``compression.measure.peaks.peak_rss_bytes``: ``VmHWM``; ``ru_maxrss`` would
+carry the parent's across fork + exec):
 
 - ``index``: ``open_source`` on the file (the byte-offset scan over a memory map, cached afterwards);
 - ``select 5 %``: a seeded random 5 % (records checked: text parsed, image headers read), then decoding
@@ -69,12 +70,15 @@ PATH = {path!r}
 start = time.perf_counter()
 {body}
 result["seconds"] = time.perf_counter() - start
-result["peak_rss_mb"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+from compression.measure.peaks import peak_rss_bytes
+result["peak_rss_mb"] = peak_rss_bytes() / 2**20
 print(json.dumps(result))
 """
 BASELINE = """
-import json
-print(json.dumps({"peak_rss_mb": next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024}))
+import json, sys
+sys.path.insert(0, {root!r})
+from compression.measure.peaks import peak_rss_bytes
+print(json.dumps({{"peak_rss_mb": peak_rss_bytes() / 2**20}}))
 """
 
 
@@ -127,7 +131,7 @@ def main() -> None:
     path = write_mix(work, args.records, args.images)
     print(f"wrote {args.records:,} records ({path.stat().st_size / 1e6:.1f} MB) over {args.images} images "
           f"in {time.perf_counter() - t:.1f} s")
-    baseline = json.loads(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True,
+    baseline = json.loads(subprocess.run([sys.executable, "-c", BASELINE.format(root=str(ROOT))], capture_output=True, text=True,
                                          check=True).stdout)["peak_rss_mb"]
     rows = []
     for cached in (False, True):
