@@ -57,10 +57,11 @@ source = common.data_source("eval")
 samples = st.select_slider("Records", options=[20, 50, 100, 200, 500], value=100, key="model_samples",
                            help="the first records (with an image) of the chosen data")
 selection = common.selection("eval", samples)
-report = measure.cached_evaluation(loaded, selection)
+kernels = common.current_kernels()
+report = measure.cached_evaluation(loaded, selection, kernels)
 if st.button("Measure accuracy and latency", type="primary" if report is None else "secondary"):
     with st.spinner(f"Answering {len(selection)} records and timing prefill / decode…"), common.shown_as_message():
-        report = measure.measure(loaded, selection)
+        report = measure.measure(loaded, selection, kernels)
 if report is None:
     st.caption(f"Not measured yet for this model on {selection.describe()}.")
 else:
@@ -72,7 +73,8 @@ else:
         st.plotly_chart(views.per_type_chart(report["per_type"], "Accuracy per record type (measured)"),
                         key="per_type_chart")
     common.measured(f"{report['data']}, prompted with {report['prompt']}; latency is the median of "
-                    f"{report.get('latency_repeats', 9)} runs at batch 1 after warm-up, {report['measured_at']}.")
+                    f"{report.get('latency_repeats', 9)} runs at batch 1 after warm-up, on "
+                    f"{report.get('kernels', 'eager')} kernels, {report['measured_at']}.")
 
 st.subheader(f"A record of {source.label}")
 index = st.number_input("Record", min_value=0, max_value=len(source) - 1, value=0, step=1, key="model_record")

@@ -25,7 +25,11 @@ sharded safetensors, measured, and deleted. Measured with the studio's functions
 - decode tokens/s (KV cache, short context), pruned vs original, against the ratio of the weight
   bytes one decode step reads (the decoder and the LM head; decode is memory-bound at batch 1);
 - visual-token pruning (``compression.methods.tokens``, hybrid score, original positions) at 25 %
-  and 12.5 % of the visual tokens: language-model prefill against its FLOP ratio;
+  and 12.5 % of the visual tokens: language-model prefill against its FLOP ratio, on eager kernels
+  and again with the original and the short sequences both on oneDNN-packed linears
+  (``evaluate.latency(kernels="onednn")``, ``compression.models.kernels``), timed before any pruned
+  copy exists so the packed copy fits beside the model; one 4096 -> 11008 linear is timed at the
+  same token counts on both kernels;
 - int8 and nf4 (``compression.methods.quantize``): quantize time and saved size against the
   what-if bytes;
 - save (``prune.save_pruned`` of the width-pruned model) and reload in a fresh process with plain
@@ -114,18 +118,26 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> flo
     return 2 * 590 * 4096 * 11008 / best / 1e9
 
 
-def gemm_by_tokens(tokens: tuple[int, ...], rounds: int = 5, dtype: torch.dtype = torch.float32) -> dict[int, float]:
-    """Seconds of one 4096 -> 11008 GEMM in ``dtype`` (the model's) at each token count, minimum of interleaved
-    rounds: how the CPU's GEMM efficiency falls with fewer rows (the weight panel is read and packed whatever M
-    is; with bf16 tiles, at a few dozen rows the weight bytes rather than the FLOPs bound the time)."""
-    w = torch.randn(11008, 4096, dtype=dtype)
+def gemm_by_tokens(tokens: tuple[int, ...], rounds: int = 5, dtype: torch.dtype = torch.float32,
+                   kernels: str = "eager") -> dict[int, float]:
+    """Seconds of one 4096 -> 11008 linear in ``dtype`` (the model's) at each token count, minimum of
+    interleaved rounds: how the CPU's GEMM efficiency falls with fewer rows (eager: the weight is laid out
+    for the GEMM on every call whatever M is; with bf16 tiles, at a few dozen rows the weight bytes rather
+    than the FLOPs bound the time). ``kernels="onednn"``: the same linear on its pre-packed weight
+    (``compression.models.kernels.PackedLinear``)."""
+    from compression.models import kernels as kernel_choice
+
+    linear = torch.nn.Linear(4096, 11008, bias=False, dtype=dtype)
+    run = kernel_choice.PackedLinear(linear) if kernels == "onednn" else linear
     best = {m: float("inf") for m in tokens}
-    for _ in range(rounds):
-        for m in tokens:
-            x = torch.randn(m, 4096, dtype=dtype)
-            t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best[m] = min(best[m], time.perf_counter() - t)
+    with torch.no_grad():
+        run(torch.randn(2, 4096, dtype=dtype))
+        for _ in range(rounds):
+            for m in tokens:
+                x = torch.randn(m, 4096, dtype=dtype)
+                t = time.perf_counter()
+                run(x)
+                best[m] = min(best[m], time.perf_counter() - t)
     return best
 
 
@@ -410,8 +422,56 @@ def _measure_loaded(n_layers, dtype, args, add, facts, workdir, folder, base, lo
     from compression.data.sources import open_source, select
     from compression.measure import evaluate
     from compression.methods import prune, quantize, tokens
+    from compression.models import kernels as kernel_choice
 
     if True:
+        record = select(open_source({"path": "shapes", "split": "test"}), samples=1).records[0]
+        enc = evaluate.latency_inputs(loaded, record)  # the model's chat template, as every latency figure
+        with torch.no_grad():
+            merged = tokens.merge_inputs(model, enc)
+        seq = int(merged.attention_mask.shape[1])
+        prompt_tokens = seq - anatomy.visual_tokens
+        facts.update(sequence_tokens=seq, prompt_tokens=prompt_tokens)
+        lm_inputs = {"inputs_embeds": merged.inputs_embeds, "attention_mask": merged.attention_mask}
+        token_inputs, token_lengths = {}, {}
+        for keep in TOKEN_KEEPS:
+            cfg = tokens.TokenPruningConfig(keep_ratio=keep, scorer="hybrid", semantic="similarity")
+            kept = tokens.prune_visual_tokens(model, enc, cfg)
+            name = f"tokens-{keep:g}"
+            token_inputs[name] = kept.model_kwargs()
+            token_lengths[name] = (int(kept.kept.shape[1]), int(kept.inputs_embeds.shape[1]))
+        ideal_before = prune.what_if(loaded, None, hardware="cpu", prompt_tokens=prompt_tokens)
+        ideal = {name: prune.what_if(loaded, None, hardware="cpu", prompt_tokens=prompt_tokens, visual_tokens=visual)
+                 for name, (visual, _) in token_lengths.items()}
+        lengths = (seq, *(length for _, length in token_lengths.values()))
+
+        # the same sequences on oneDNN-packed linears (compression.models.kernels), before any pruned copy
+        # exists: the packed copy of the weights must fit beside the model
+        _log(f"prefill, language model alone, onednn kernels: {1 + len(token_inputs)} entries x {args.repeats} rounds")
+        try:
+            dnn = evaluate.latency({"original": model, **{name: model for name in token_inputs}}, None,
+                                   repeats=args.repeats, warmup=args.warmup, decode_tokens=0,
+                                   inputs_by_name={"original": lm_inputs, **token_inputs}, statistic="min",
+                                   rotate=True, kernels="onednn")
+        except kernel_choice.KernelError as e:
+            add("prefill_lm_ms", None, "ms", "onednn:original", note=str(e))
+            dnn = None
+        if dnn is not None:
+            gemm_dnn = gemm_by_tokens(lengths, dtype=model.dtype, kernels="onednn")
+            facts["gemm_by_tokens_onednn"] = {m: 2 * m * 4096 * 11008 / t / 1e9 for m, t in gemm_dnn.items()}
+            for name, r in dnn.items():
+                length = token_lengths[name][1] if name in token_lengths else seq
+                add("prefill_lm_ms", r["prefill_ms"], "ms", f"onednn:{name}",
+                    note=f"min of {args.repeats}: " + " ".join(f"{x:.0f}" for x in r["prefill_ms_all"])
+                    + f"; {length} tokens; oneDNN pre-packed linears")
+                if name != "original":
+                    add("speedup_lm", dnn["original"]["prefill_ms"] / r["prefill_ms"], "x", f"onednn:{name}",
+                        ideal=ideal_before["prefill_flops"]["language"] / ideal[name]["prefill_flops"]["language"],
+                        note="ideal = language-model prefill FLOPs ratio (what-if); both on onednn kernels")
+                    add("speedup_lm_vs_gemm", dnn["original"]["prefill_ms"] / r["prefill_ms"], "x",
+                        f"onednn:{name}", ideal=gemm_dnn[seq] / gemm_dnn[length],
+                        note="ideal = time ratio of one packed decoder linear at the two token counts")
+
         pruned = {}
         for name, plan in plans.items():
             copy_ = shared_copy(model)
@@ -427,32 +487,13 @@ def _measure_loaded(n_layers, dtype, args, add, facts, workdir, folder, base, lo
                                                                      p.widths_after.items()},
                               "layers_removed": p.layers_removed} for k, p in plans.items()}
 
-        record = select(open_source({"path": "shapes", "split": "test"}), samples=1).records[0]
-        enc = evaluate.latency_inputs(loaded, record)  # the model's chat template, as every latency figure
-        with torch.no_grad():
-            merged = tokens.merge_inputs(model, enc)
-        seq = int(merged.attention_mask.shape[1])
-        prompt_tokens = seq - anatomy.visual_tokens
-        facts.update(sequence_tokens=seq, prompt_tokens=prompt_tokens)
-        lm_inputs = {"inputs_embeds": merged.inputs_embeds, "attention_mask": merged.attention_mask}
-        entries = {"original": model, **pruned}
-        inputs = {name: lm_inputs for name in entries}
-        token_lengths = {}
-        for keep in TOKEN_KEEPS:
-            cfg = tokens.TokenPruningConfig(keep_ratio=keep, scorer="hybrid", semantic="similarity")
-            kept = tokens.prune_visual_tokens(model, enc, cfg)
-            name = f"tokens-{keep:g}"
-            entries[name] = model
-            inputs[name] = kept.model_kwargs()
-            token_lengths[name] = (int(kept.kept.shape[1]), int(kept.inputs_embeds.shape[1]))
+        entries = {"original": model, **pruned, **{name: model for name in token_inputs}}
+        inputs = {name: lm_inputs for name in entries} | token_inputs
 
-        gemm = gemm_by_tokens((seq, *(length for _, length in token_lengths.values())), dtype=model.dtype)
+        gemm = gemm_by_tokens(lengths, dtype=model.dtype)
         facts["gemm_by_tokens"] = {m: 2 * m * 4096 * 11008 / t / 1e9 for m, t in gemm.items()}
-        ideal_before = prune.what_if(loaded, None, hardware="cpu", prompt_tokens=prompt_tokens)
-        ideal = {name: prune.what_if(loaded, plan, hardware="cpu", prompt_tokens=prompt_tokens)
-                 for name, plan in plans.items()}
-        for name, (visual, _) in token_lengths.items():
-            ideal[name] = prune.what_if(loaded, None, hardware="cpu", prompt_tokens=prompt_tokens, visual_tokens=visual)
+        ideal.update({name: prune.what_if(loaded, plan, hardware="cpu", prompt_tokens=prompt_tokens)
+                      for name, plan in plans.items()})
 
         _log(f"prefill, language model alone: {len(entries)} entries x {args.repeats} rounds (+{args.warmup} warm-up)")
         lm = evaluate.latency(entries, None, repeats=args.repeats, warmup=args.warmup, decode_tokens=0,
@@ -651,6 +692,11 @@ def summarize(rows: Rows, facts: dict, args: dict, command: str, wall_s: float) 
             row(f"prefill LM alone, {v}", "prefill_lm_ms", v)
             row(f"speedup / ideal, LM alone, {v}", "speedup_lm", v, "of_ideal")
             row(f"speedup / GEMM-time ratio, {v}", "speedup_lm_vs_gemm", v, "of_ideal")
+        row("prefill LM alone, original, onednn kernels", "prefill_lm_ms", "onednn:original")
+        for v in ("tokens-0.25", "tokens-0.125"):
+            row(f"prefill LM alone, {v}, onednn kernels", "prefill_lm_ms", f"onednn:{v}")
+            row(f"speedup / ideal, LM alone, {v}, onednn kernels", "speedup_lm", f"onednn:{v}", "of_ideal")
+            row(f"speedup / packed-GEMM-time ratio, {v}, onednn", "speedup_lm_vs_gemm", f"onednn:{v}", "of_ideal")
         row("prefill end to end, original", "prefill_e2e_ms", "original")
         for v in ("layer", "width"):
             row(f"prefill end to end, {v}", "prefill_e2e_ms", v)
@@ -688,13 +734,22 @@ def summarize(rows: Rows, facts: dict, args: dict, command: str, wall_s: float) 
             g = facts["per_model"].get(f"{n}-{d}", {}).get("gemm_by_tokens")
             if g:
                 gemm_lines.append(f"- N = {n}: " + ", ".join(f"{m} tokens {v:.0f} GFLOPS" for m, v in g.items()))
-        lines += [f"Visual-token pruning shortens the sequence, and this CPU's {d} GEMM "
+        dnn_lines = []
+        for n in layers:
+            g = facts["per_model"].get(f"{n}-{d}", {}).get("gemm_by_tokens_onednn")
+            if g:
+                dnn_lines.append(f"- N = {n}: " + ", ".join(f"{m} tokens {v:.0f} GFLOPS" for m, v in g.items()))
+        lines += [f"Visual-token pruning shortens the sequence, and this CPU's eager {d} GEMM "
                   f"({torch.backends.cpu.get_cpu_capability()}{', native bf16' if native_bf16() else ''}) loses "
-                  "efficiency with fewer rows: the 4096 x 11008 weight panel is read and packed whatever the row count (with bf16 tiles, at a few dozen rows its bytes "
-                  "rather than the FLOPs bound the time), so the per-layer time is roughly `a + b * tokens`, not "
-                  "`b * tokens`, and the FLOP ratio is out of reach at the shortest lengths. Measured, one "
-                  f"4096 -> 11008 GEMM in {d} (minimum of 5 interleaved rounds), at the sequence lengths timed:",
-                  "", *gemm_lines, ""]
+                  "efficiency with fewer rows: the 4096 x 11008 weight is laid out for the GEMM on every call "
+                  "whatever the row count (with bf16 tiles, at a few dozen rows its bytes rather than the FLOPs "
+                  "bound the time), so the per-layer time is roughly `a + b * tokens`, not `b * tokens`. Measured, "
+                  f"one 4096 -> 11008 linear in {d} (minimum of 5 interleaved rounds), at the sequence lengths "
+                  "timed, eager:", "", *gemm_lines, ""]
+        if dnn_lines:
+            lines += ["and the same linear on its oneDNN-packed weight (`compression.models.kernels`: packed once, "
+                      "as a CPU deployment runs it; the `onednn kernels` rows above time the original and the "
+                      "token-pruned sequences that way, both on the same kernels):", "", *dnn_lines, ""]
 
         # ---- growth with N and extrapolation
         est = facts["what_if_32"]
@@ -769,6 +824,7 @@ def _verdicts(rows: Rows, layers: list[int], d: str) -> list[str]:
         for item, variants, goal in (("speedup_lm", ("layer", "width", "width-128"), 0.9),
                                      ("decode_speedup", ("layer", "width", "width-128"), 0.9),
                                      ("speedup_lm", ("tokens-0.25", "tokens-0.125"), 0.8),
+                                     ("speedup_lm", ("onednn:tokens-0.25", "onednn:tokens-0.125"), 0.8),
                                      ("speedup_e2e", ("layer", "width"), None)):
             for v in variants:
                 r = rows.get(n, d, item, v)

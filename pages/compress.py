@@ -114,7 +114,7 @@ if submitted:
            "quantize": quantize,
            "visual_tokens": {"keep_ratio": keep_ratio, "scorer": token_scorer, "alpha": alpha},
            "data": raw_data, "hardware": {**dict(zip(("device", "dtype"), common.current_hardware())),
-                                          "processes": int(processes)}}
+                                          "processes": int(processes), "kernels": common.current_kernels()}}
     with common.shown_as_message():
         recipe = Recipe.from_dict(raw)
     plan = memory_view.plan(loaded, recipe)

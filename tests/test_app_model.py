@@ -61,6 +61,26 @@ def test_measure_button_stores_a_measurement_that_the_next_visit_reuses(tiny_fol
     assert metrics(again)["Accuracy (exact match)"] == values["Accuracy (exact match)"]  # read back, not re-run
 
 
+def test_timing_kernels_picker_times_on_onednn_and_keeps_its_own_measurement(tiny_folder, monkeypatch):
+    from compression.models import kernels
+    from ui import measure
+
+    if kernels.onednn_problem():
+        pytest.skip(kernels.onednn_problem())
+    monkeypatch.setattr(measure, "LATENCY_REPEATS", 1)
+    monkeypatch.setattr(measure, "LATENCY_WARMUP", 0)
+    at = run_model_page(tiny_folder)
+    at.select_slider(key="model_samples").set_value(20)
+    at.selectbox(key="hw_kernels").set_value("onednn").run()
+    assert "Not measured yet" in " ".join(c.value for c in at.caption)  # nothing stored for onednn yet
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert float(metrics(at)["Prefill (image + question)"].split()[0]) > 0
+    assert "on onednn kernels" in " ".join(c.value for c in at.caption)
+    stored = list((measure.cache_dir() / "ui" / "evals").glob("*-onednn.json"))
+    assert len(stored) == 1 and '"kernels": "onednn"' in stored[0].read_text()
+
+
 def test_config_only_model_shows_counts_but_no_measurement():
     at = run_model_page("config:llava-1.5-7b")
     assert not at.exception and not at.error

@@ -77,7 +77,10 @@ def test_recipe_hardware_section_validates_in_one_line():
 
     assert Recipe.from_yaml("hardware: {device: cuda:1, dtype: bf16}\n").hardware.device == "cuda:1"
     assert Recipe.from_yaml("model: reference\n").hardware.model_dump() == {"device": "auto", "dtype": "auto",
-                                                                          "processes": 1, "parallelism": "auto"}
+                                                                          "processes": 1, "parallelism": "auto",
+                                                                          "kernels": "eager"}
+    with pytest.raises(RecipeError, match=r"^recipe field hardware.kernels: got 'fast'"):
+        Recipe.from_yaml("hardware: {kernels: fast}\n")
     with pytest.raises(RecipeError, match=r"^recipe field hardware.parallelism: got 'zero3'"):
         Recipe.from_yaml("hardware: {parallelism: zero3}\n")
     with pytest.raises(RecipeError, match=r"^recipe field hardware.device: got 'gpu'; expected auto, cpu, cuda"):

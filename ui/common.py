@@ -144,11 +144,17 @@ def model_picker() -> str:
 # device or precision this machine lacks is one line on the page.
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+KERNELS = ("eager", "onednn")  # compression.models.kernels.KERNELS, kept here so the sidebar needs no torch
 
 
 def current_hardware() -> tuple[str, str]:
     """The chosen ``(device, dtype)`` names (default ``auto``, ``auto``)."""
     return st.session_state.get("_hw_device", "auto"), st.session_state.get("_hw_dtype", "auto")
+
+
+def current_kernels() -> str:
+    """The kernels latency is timed on (``hardware.kernels``; default ``eager``)."""
+    return st.session_state.get("_hw_kernels", "eager")
 
 
 def hardware_label() -> str:
@@ -159,6 +165,7 @@ def hardware_label() -> str:
 def hardware_picker() -> tuple[str, str]:
     _restore("hw_device", "auto")
     _restore("hw_dtype", "auto")
+    _restore("hw_kernels", "eager")
     with st.sidebar:
         st.subheader("Hardware")
         left, right = st.columns(2)
@@ -166,6 +173,10 @@ def hardware_picker() -> tuple[str, str]:
                        help="auto: the first GPU where one is visible, else the CPU")
         right.selectbox("Precision", DTYPES, key="hw_dtype", on_change=_remember, args=("hw_dtype",),
                         help="auto: bf16 on a GPU that has it, else fp32")
+        st.selectbox("Timing kernels (CPU)", KERNELS, key="hw_kernels", on_change=_remember, args=("hw_kernels",),
+                     help="what latency is timed on: eager = PyTorch's own linears; onednn = linears on weights "
+                          "packed once for oneDNN, as a CPU deployment runs them (faster on short sequences, "
+                          "one more copy of the weights while timing)")
         resolved = st.session_state.get("hw_resolved")
         if resolved:
             st.caption(f"Computing on `{resolved}`")

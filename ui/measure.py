@@ -23,13 +23,14 @@ LATENCY_REPEATS = 9  # medians over this many timed runs after the warm-up (comp
 LATENCY_WARMUP = 2
 
 
-def _path(loaded: LoadedModel, selection: Selection) -> Path:
-    return cache_dir() / "ui" / "evals" / f"{loaded.fingerprint}-{selection.fingerprint()}.json"
+def _path(loaded: LoadedModel, selection: Selection, kernels: str = "eager") -> Path:
+    suffix = "" if kernels == "eager" else f"-{kernels}"
+    return cache_dir() / "ui" / "evals" / f"{loaded.fingerprint}-{selection.fingerprint()}{suffix}.json"
 
 
-def cached_evaluation(loaded: LoadedModel, selection: Selection) -> dict | None:
-    """A stored evaluation of this exact model on these exact records, or None."""
-    path = _path(loaded, selection)
+def cached_evaluation(loaded: LoadedModel, selection: Selection, kernels: str = "eager") -> dict | None:
+    """A stored evaluation of this exact model on these exact records, timed on ``kernels``, or None."""
+    path = _path(loaded, selection, kernels)
     if not path.is_file():
         return None
     try:
@@ -38,15 +39,16 @@ def cached_evaluation(loaded: LoadedModel, selection: Selection) -> dict | None:
         return None
 
 
-def measure(loaded: LoadedModel, selection: Selection) -> dict:
-    """Accuracy on the selection, sizes and latency through ``compression.measure.evaluate``; stored."""
+def measure(loaded: LoadedModel, selection: Selection, kernels: str = "eager") -> dict:
+    """Accuracy on the selection, sizes and latency (on ``kernels``) through ``compression.measure.evaluate``;
+    stored."""
     report = evaluate.evaluate(loaded, selection, measure_latency=False).to_dict()
     timing = evaluate.latency({"model": loaded.model}, evaluate.latency_inputs(loaded, selection.records[0]),
-                              repeats=LATENCY_REPEATS, warmup=LATENCY_WARMUP)["model"]
-    report.update(prefill_ms=timing["prefill_ms"], decode_tokens_per_s=timing["decode_tokens_per_s"],
+                              repeats=LATENCY_REPEATS, warmup=LATENCY_WARMUP, kernels=kernels)["model"]
+    report.update(prefill_ms=timing["prefill_ms"], decode_tokens_per_s=timing["decode_tokens_per_s"], kernels=kernels,
                   latency_repeats=LATENCY_REPEATS, model=loaded.name, fingerprint=loaded.fingerprint,
                   measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-    path = _path(loaded, selection)
+    path = _path(loaded, selection, kernels)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(report, f, indent=1)

@@ -61,6 +61,14 @@ def add_hardware_arguments(p: argparse.ArgumentParser) -> None:
                                    "overrides a recipe's hardware.dtype")
 
 
+def add_kernels_argument(p: argparse.ArgumentParser, default: str | None = "eager") -> None:
+    """``--kernels``, on the commands that time models (``compression.models.kernels``)."""
+    p.add_argument("--kernels", default=default, choices=["eager", "onednn"],
+                   help="what latency is timed on: eager (PyTorch's own linears) or onednn (CPU linears on "
+                        "pre-packed weights, faster on short sequences; needs one more copy of the weights)"
+                        + ("; overrides a recipe's hardware.kernels" if default is None else ""))
+
+
 def hardware(args: argparse.Namespace, device: str = "auto", dtype: str = "auto"):
     """The resolved device and precision (the flags over the given defaults). Raises ``HardwareError`` (one
     line; exit 2) for what is not there."""

@@ -9,8 +9,8 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from compression.cli.common import (UsageError, add_data_arguments, add_hardware_arguments, data_source, emit,
-                                    load_model)
+from compression.cli.common import (UsageError, add_data_arguments, add_hardware_arguments, add_kernels_argument,
+                                    data_source, emit, load_model)
 
 
 # ------------------------------------------------------------------------------------------ eval / ask / models
@@ -28,10 +28,11 @@ def _cmd_eval(args) -> int:
     if not loaded.has_weights:
         raise UsageError(f"model {args.model} is config-only (no weights); eval needs weights — use `plan` for what-if")
     report = evaluate(loaded, selection, metric=args.metric, measure_latency=not args.no_latency,
-                      max_new_tokens=args.max_new_tokens).to_dict()
+                      max_new_tokens=args.max_new_tokens, kernels=args.kernels).to_dict()
     per_type = ", ".join(f"{k} {v:.1%}" for k, v in report["per_type"].items())
     details = ", ".join(f"{k} {v:.3f}" for k, v in report["details"].items())
-    lat = (f"prefill {report['prefill_ms']:.1f} ms, decode {report['decode_tokens_per_s']:.0f} tok/s"
+    lat = (f"prefill {report['prefill_ms']:.1f} ms, decode {report['decode_tokens_per_s']:.0f} tok/s "
+           f"({report['kernels']} kernels)"
            if report["prefill_ms"] is not None else "latency not measured")
     emit(args, report, f"{report['metric'].replace('_', ' ')} {report['accuracy']:.1%} on {report['data']}"
                        + (f" ({per_type})" if per_type else "") + (f"; {details}" if details else "") + "\n"
@@ -88,6 +89,7 @@ def _register_core(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--no-latency", action="store_true")
     add_hardware_arguments(p)
+    add_kernels_argument(p)
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("ask", help="one answer to a question about an image")
     p.add_argument("--model", required=True)

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from compression.cli.common import UsageError, add_data_arguments, add_hardware_arguments, data_source, emit
+from compression.cli.common import (UsageError, add_data_arguments, add_hardware_arguments, add_kernels_argument,
+                                    data_source, emit)
 
 
 def _recipe(path: str):
@@ -61,11 +62,12 @@ def _cmd_run(args) -> int:
     from compression.paths import cache_dir
 
     recipe = _recipe(args.recipe)
-    if args.device or args.dtype:  # a recipe written on a GPU machine runs here with --device cpu
+    overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype),
+                                   ("kernels", getattr(args, "kernels", None))) if v}
+    if overrides:  # a recipe written on a GPU machine runs here with --device cpu
         from compression.runs.recipe import HardwareSpec
 
-        recipe.hardware = HardwareSpec(device=args.device or recipe.hardware.device,
-                                       dtype=args.dtype or recipe.hardware.dtype)
+        recipe.hardware = HardwareSpec(**{**recipe.hardware.model_dump(), **overrides})
     out = Path(args.out) if args.out else cache_dir() / "runs" / f"{recipe.name or Path(args.recipe).stem}-" \
                                                                   f"{time.strftime('%Y%m%d-%H%M%S')}"
     bar = _Bar(not args.json)
@@ -187,6 +189,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="run folder to create (default: cache/runs/<name>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     add_hardware_arguments(p)
+    add_kernels_argument(p, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_run)
 

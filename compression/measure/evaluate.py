@@ -181,7 +181,8 @@ def latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor] | None
             decode_tokens: int = 16,
             inputs_fn: Callable[[nn.Module, dict], dict] | None = None,
             inputs_by_name: dict[str, dict[str, torch.Tensor]] | None = None,
-            statistic: Literal["median", "min"] = "median", rotate: bool = False) -> dict[str, dict[str, float]]:
+            statistic: Literal["median", "min"] = "median", rotate: bool = False,
+            kernels: str = "eager") -> dict[str, dict[str, float]]:
     """Prefill ms and decode tokens/s for each model, measured interleaved, batch 1.
 
     ``inputs`` are one prompt's processor inputs (``latency_inputs``). ``inputs_fn(model, inputs) -> model
@@ -192,7 +193,13 @@ def latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor] | None
     decode: the least-disturbed run on a shared machine). ``rotate``: round ``r`` starts at the ``r``-th
     model (A B C, B C A, C A B, ...), so no model always runs first or right after the same neighbour.
     ``decode_tokens=0`` times the prefill only (``decode_tokens_per_s`` is then None).
+    ``kernels``: ``"eager"`` (PyTorch's own linears) or ``"onednn"`` (CPU linears on oneDNN-packed weights for
+    the duration of the timing, ``compression.models.kernels``: what a CPU deployment would run; the packed
+    copies are extra memory, checked against the free memory first). Every model is timed on the same kernels.
     """
+    from compression.models import kernels as kernel_choice
+
+    kernel_choice.check_name(kernels)
     if statistic not in ("median", "min"):
         raise ValueError(f"statistic {statistic!r} is not 'median' or 'min'")
     if repeats < 1 or warmup < 0 or decode_tokens < 0:
@@ -202,22 +209,24 @@ def latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor] | None
         raise ValueError("latency needs inputs for every model: pass inputs, or inputs_by_name for each name")
     names = list(models)
     timings: dict[str, list[tuple[float, float | None]]] = {name: [] for name in models}
-    for r in range(warmup + repeats):
-        order = names[r % len(names):] + names[:r % len(names)] if rotate else names
-        for name in order:
-            model = models[name]
-            if name in inputs_by_name:
-                fed = dict(inputs_by_name[name])
-            else:
-                fed = inputs_fn(model, dict(inputs)) if inputs_fn else dict(inputs)
-            measured = _time_one(model, _to_model(fed, model), decode_tokens)
-            if r >= warmup:
-                timings[name].append(measured)
+    with kernel_choice.packed(models.values(), kernels):
+        for r in range(warmup + repeats):
+            order = names[r % len(names):] + names[:r % len(names)] if rotate else names
+            for name in order:
+                model = models[name]
+                if name in inputs_by_name:
+                    fed = dict(inputs_by_name[name])
+                else:
+                    fed = inputs_fn(model, dict(inputs)) if inputs_fn else dict(inputs)
+                measured = _time_one(model, _to_model(fed, model), decode_tokens)
+                if r >= warmup:
+                    timings[name].append(measured)
     pick_low = statistics.median if statistic == "median" else min
     pick_high = statistics.median if statistic == "median" else max
     return {name: {"prefill_ms": pick_low(t[0] for t in ts),
                    "decode_tokens_per_s": pick_high(t[1] for t in ts) if decode_tokens else None,
-                   "prefill_ms_all": [t[0] for t in ts], "repeats": repeats, "statistic": statistic}
+                   "prefill_ms_all": [t[0] for t in ts], "repeats": repeats, "statistic": statistic,
+                   "kernels": kernels}
             for name, ts in timings.items()}
 
 
@@ -237,6 +246,7 @@ class EvalReport:
     prefill_ms: float | None
     decode_tokens_per_s: float | None
     details: dict[str, float] = field(default_factory=dict)
+    kernels: str | None = None  # what the latency ran on (``latency(kernels=)``); None when not measured
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -244,18 +254,19 @@ class EvalReport:
 
 def evaluate(loaded: LoadedModel, selection: Selection, metric: scoring.Metric = "auto",
              measure_latency: bool = True, batch_size: int = 16,
-             max_new_tokens: int = MAX_NEW_TOKENS) -> EvalReport:
-    """Accuracy on a data selection, sizes and latency (on the selection's first record) of one model."""
+             max_new_tokens: int = MAX_NEW_TOKENS, kernels: str = "eager") -> EvalReport:
+    """Accuracy on a data selection, sizes and latency (on the selection's first record, on ``kernels``:
+    see :func:`latency`) of one model."""
     acc = accuracy(loaded, selection.records, metric, batch_size, max_new_tokens)
     counts = parameter_counts(loaded.model, loaded.anatomy)
-    lat = latency({"model": loaded.model}, latency_inputs(loaded, selection.records[0]))["model"] \
-        if measure_latency else {}
+    lat = latency({"model": loaded.model}, latency_inputs(loaded, selection.records[0]),
+                  kernels=kernels)["model"] if measure_latency else {}
     return EvalReport(
         accuracy=acc.accuracy, per_type=acc.per_type, samples=acc.n, metric=acc.metric, data=selection.describe(),
         prompt=loaded.prompt.name, params_total=counts["total"], params_vision=counts["vision"],
         params_projector=counts["projector"], params_language=counts["language"],
         size_bytes=size_bytes(loaded.model, loaded.path), prefill_ms=lat.get("prefill_ms"),
-        decode_tokens_per_s=lat.get("decode_tokens_per_s"), details=acc.details)
+        decode_tokens_per_s=lat.get("decode_tokens_per_s"), details=acc.details, kernels=lat.get("kernels"))
 
 
 def ask(loaded: LoadedModel, image: Image.Image, question: str,

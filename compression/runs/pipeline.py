@@ -177,7 +177,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, progress: Progress | None = 
     if world > 1:
         share = -(-len(selections["eval"]) // world)
         say(f"evaluation split over {world} processes (up to {share} records each)")
-    metrics = _measure(original, student, selections["eval"], recipe.data.eval, generate_fn, inputs_fn, plan, say)
+    metrics = _measure(original, student, selections["eval"], recipe.data.eval, generate_fn, inputs_fn, plan, say,
+                       kernels=recipe.hardware.kernels)
     if not _is_main_process():
         return {}  # under `accelerate launch`, every rank answered its share; rank 0 alone times and saves
     metrics["data"] = {role: selection.summary() for role, selection in selections.items()}
@@ -291,7 +292,7 @@ def _save_model(student: LoadedModel, folder: Path, plan) -> None:
 
 
 def _measure(original: LoadedModel, student: LoadedModel, test: Selection, spec, generate_fn, inputs_fn, plan,
-             say) -> dict[str, Any]:
+             say, kernels: str = "eager") -> dict[str, Any]:
     """Accuracy of both on the same records; latency of both interleaved in this process."""
     report: dict[str, Any] = {"eval_samples": len(test), "eval_data": test.describe()}
     started, answered = time.time(), 0
@@ -320,7 +321,8 @@ def _measure(original: LoadedModel, student: LoadedModel, test: Selection, spec,
         def feed(model, inputs):
             return inputs_fn(model, inputs) if model is student.model else inputs
     timing = evaluate.latency({"original": original.model, "compressed": student.model},
-                              evaluate.latency_inputs(original, test.records[0]), inputs_fn=feed)
+                              evaluate.latency_inputs(original, test.records[0]), inputs_fn=feed,
+                              kernels=kernels)
     for name in ("original", "compressed"):
         report[name].update(prefill_ms=timing[name]["prefill_ms"],
                             decode_tokens_per_s=timing[name]["decode_tokens_per_s"])
@@ -330,7 +332,8 @@ def _measure(original: LoadedModel, student: LoadedModel, test: Selection, spec,
                       "size": c["size_bytes"] / o["size_bytes"]}
     report["speedup"] = {"prefill": o["prefill_ms"] / c["prefill_ms"],
                          "decode": c["decode_tokens_per_s"] / o["decode_tokens_per_s"]}
-    report["latency_note"] = "measured: medians, batch 1, original and compressed interleaved in one process"
+    report["latency_note"] = ("measured: medians, batch 1, original and compressed interleaved in one process, "
+                              f"{kernels} kernels")
     report["plan"] = plan.model_dump(mode="json") if plan is not None else None
     report["what_if"] = _what_if(original, plan)
     return report

@@ -179,6 +179,9 @@ class HardwareSpec(_Strict):
     # parallel, evaluation split across the processes
     processes: int = Field(1, ge=1, le=64)
     parallelism: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP for full finetuning, DDP otherwise
+    # the kernels the original and the compressed model are timed on (compression.models.kernels):
+    # eager = PyTorch's own; onednn = CPU linears on pre-packed weights, as a CPU deployment runs them
+    kernels: Literal["eager", "onednn"] = "eager"
 
     @field_validator("device")
     @classmethod
