@@ -100,11 +100,23 @@ def test_refusals_name_the_value():
         assert report.linears == 0 and not any(isinstance(m, kernels.PackedLinear) for m in model.modules())
 
 
-def test_latency_on_onednn_reports_its_kernels_and_restores():
+def test_latency_on_onednn_reports_its_kernels_and_restores(monkeypatch):
     a, _, _ = tiny_llava(layers=1)
     inputs = evaluate.latency_inputs(tiny_loaded(layers=1), shapes_records("test", 1)[0])
     before = _linears(a)
+    packed_calls = []
+    original = evaluate._time_one
+
+    def spy(model, fed, decode_tokens):
+        out = original(model, fed, decode_tokens)
+        packed_calls.append(sum(m.packed_calls for m in model.modules() if isinstance(m, kernels.PackedLinear)))
+        return out
+
+    monkeypatch.setattr(evaluate, "_time_one", spy)
     result = evaluate.latency({"a": a}, inputs, repeats=2, warmup=0, decode_tokens=2, kernels="onednn")
+    # each prefill runs every linear but the LM head on the packed weights (decode steps run eager)
+    n_packed = len(before) - 1
+    assert packed_calls == [n_packed, 2 * n_packed]
     assert result["a"]["kernels"] == "onednn" and result["a"]["prefill_ms"] > 0
     assert result["a"]["decode_tokens_per_s"] > 0
     assert _linears(a) == before

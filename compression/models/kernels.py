@@ -70,6 +70,7 @@ class PackedLinear(nn.Module):
         with torch.no_grad():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_calls = 0  # calls that ran on the packed weight (the rest ran on ``eager``)
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads .weight (shapes, dtype, device) sees the original
@@ -85,6 +86,7 @@ class PackedLinear(nn.Module):
                 or x.dtype != self.eager.weight.dtype:
             return self.eager(x)
         bias = self.eager.bias.detach() if self.eager.bias is not None else None
+        self.packed_calls += 1
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, bias, "none", [], "")
 
 
