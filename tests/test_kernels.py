@@ -169,3 +169,21 @@ def test_a_recipe_times_both_models_on_its_kernels(tmp_path, monkeypatch):
     assert seen == [(["compressed", "original"], "onednn")]
     assert metrics["latency_note"].endswith("onednn kernels")
     assert metrics["original"]["prefill_ms"] > 0 and metrics["compressed"]["prefill_ms"] > 0
+
+
+def test_run_flags_override_the_recipes_hardware_and_keep_the_rest(tmp_path, monkeypatch):
+    """``run --device cpu --kernels onednn`` changes those fields only: processes and parallelism stay."""
+    from compression.cli.main import main
+    from compression.runs import pipeline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: reference\nhardware: {device: auto, dtype: fp32, processes: 2, parallelism: ddp}\n")
+    seen = {}
+
+    def capture(recipe, out, **kwargs):
+        seen.update(recipe.hardware.model_dump())
+        return {}
+
+    monkeypatch.setattr(pipeline, "run_recipe", capture)
+    assert main(["run", str(recipe), "--device", "cpu", "--kernels", "onednn", "--out", str(tmp_path / "run")]) == 0
+    assert seen == {"device": "cpu", "dtype": "fp32", "processes": 2, "parallelism": "ddp", "kernels": "onednn"}
