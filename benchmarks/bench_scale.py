@@ -729,16 +729,12 @@ def summarize(rows: Rows, facts: dict, args: dict, command: str, wall_s: float) 
                                f"GEMM {b['gemm_fp32_gflops']:.0f} -> {a['gemm_fp32_gflops']:.0f} GFLOPS, "
                                f"MemAvailable {b['mem_available_gb']:.0f} -> {a['mem_available_gb']:.0f} GB")
         lines += ["Machine state around each N:", ""] + machine + [""]
-        gemm_lines = []
-        for n in layers:
-            g = facts["per_model"].get(f"{n}-{d}", {}).get("gemm_by_tokens")
-            if g:
-                gemm_lines.append(f"- N = {n}: " + ", ".join(f"{m} tokens {v:.0f} GFLOPS" for m, v in g.items()))
-        dnn_lines = []
-        for n in layers:
-            g = facts["per_model"].get(f"{n}-{d}", {}).get("gemm_by_tokens_onednn")
-            if g:
-                dnn_lines.append(f"- N = {n}: " + ", ".join(f"{m} tokens {v:.0f} GFLOPS" for m, v in g.items()))
+        def gemm_by_n(key: str) -> list[str]:
+            found = [(n, facts["per_model"].get(f"{n}-{d}", {}).get(key)) for n in layers]
+            return [f"- N = {n}: " + ", ".join(f"{m} tokens {v:.0f} GFLOPS" for m, v in g.items())
+                    for n, g in found if g]
+
+        gemm_lines, dnn_lines = gemm_by_n("gemm_by_tokens"), gemm_by_n("gemm_by_tokens_onednn")
         lines += [f"Visual-token pruning shortens the sequence, and this CPU's eager {d} GEMM "
                   f"({torch.backends.cpu.get_cpu_capability()}{', native bf16' if native_bf16() else ''}) loses "
                   "efficiency with fewer rows: the 4096 x 11008 weight is laid out for the GEMM on every call "

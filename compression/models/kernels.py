@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-KernelName = Literal["eager", "onednn"]
+from compression.measure.memory import available_bytes
+
 KERNELS: tuple[str, ...] = ("eager", "onednn")
 
 
@@ -123,17 +124,6 @@ class PackReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _free_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 @contextmanager
 def packed(models: Iterable[nn.Module], kernels: str = "onednn",
            headroom: float = 0.9) -> Iterator[PackReport]:
@@ -159,17 +149,18 @@ def packed(models: Iterable[nn.Module], kernels: str = "onednn",
         if id(model) in seen_models:
             continue
         seen_models.add(id(model))
-        for parent, attr, linear in packable_linears(model):
+        found = packable_linears(model)
+        for parent, attr, linear in found:
             sites.setdefault(id(linear), []).append((parent, attr, linear))
-        packable = {id(site[2]) for site in packable_linears(model)} | _skipped(model)
+        packable = {id(linear) for _, _, linear in found} | _skipped(model)
         left = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in packable)
         if left:
             report.notes.append(f"{left} linear(s) left eager (dtype, device or quantization not packable)")
     need = sum(entries[0][2].weight.numel() * entries[0][2].weight.element_size() for entries in sites.values())
-    free = _free_bytes()
-    if free is not None and need > headroom * free:
+    free = available_bytes("cpu")
+    if need > headroom * free:
         raise KernelError(f"kernels 'onednn': the packed copies need {need / 2**30:.1f} GiB and "
-                          f"{headroom * free / 2**30:.1f} GiB is free ({headroom:.0%} of MemAvailable); "
+                          f"{headroom * free / 2**30:.1f} GiB is free ({headroom:.0%} of the available memory); "
                           f"measure fewer models at once or use kernels 'eager'")
     swapped: list[tuple[nn.Module, str, nn.Linear]] = []
     try:
